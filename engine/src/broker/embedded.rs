@@ -1,0 +1,1 @@
+//! Embedded queue backend (to be written).

@@ -1,0 +1,1 @@
+//! NATS JetStream backend (to be written).

@@ -1,0 +1,1 @@
+//! Embedded result store (to be written).

@@ -1,0 +1,1 @@
+//! Redis result store (to be written).
