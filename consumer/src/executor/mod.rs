@@ -73,3 +73,7 @@ pub trait Executor: Send + Sync + 'static {
     /// An [`ExecError`] saying whether a retry may help.
     async fn run(&self, task: &TaskMessage, ctx: &ExecContext) -> Result<TaskResult, ExecError>;
 }
+
+pub mod claude;
+pub mod command;
+pub mod echo;

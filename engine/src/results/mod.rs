@@ -178,6 +178,15 @@ pub trait ResultStore: Send + Sync + 'static {
         end: &AttemptEnd,
     ) -> Result<EndOutcome, StoreError>;
 
+    /// Puts a task back to `queued` for a replay from the dead letters (an
+    /// operator's explicit decision, the one way out of a final state): clears
+    /// the result, error and finish time, keeps the attempt history. Creates
+    /// the record from the message when it has expired.
+    ///
+    /// # Errors
+    /// When the store is unreachable.
+    async fn reopen(&self, msg: &TaskMessage, at: DateTime<Utc>) -> Result<TaskRecord, StoreError>;
+
     /// Moves a task that is not final to `cancelled`.
     ///
     /// # Errors

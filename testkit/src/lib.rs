@@ -1,0 +1,6 @@
+//! Test support shared by the crates' integration tests and the end-to-end
+//! suite: where the services are ([`services`]) and a stand-in for the model
+//! API that the real Claude Code CLI can talk to ([`model_api`]).
+
+pub mod model_api;
+pub mod services;
