@@ -33,6 +33,9 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("REDIS_URL", "redis.url"),
     ("REDIS_KEY_PREFIX", "redis.key_prefix"),
     ("RESULT_TTL_SECS", "redis.result_ttl_secs"),
+    ("PORT", "worker.port"),
+    ("WORKER_PORT", "worker.port"),
+    ("MAX_MESSAGE_BYTES", "worker.max_message_bytes"),
     ("WORKER_ID", "worker.id"),
     ("MAX_CONCURRENT_TASKS", "worker.concurrency"),
     ("WORKER_CONCURRENCY", "worker.concurrency"),
@@ -247,6 +250,12 @@ pub struct WorkerSettings {
     pub keep_work_dirs: bool,
     /// Cap on captured stdout and stderr, in bytes each.
     pub max_output_bytes: usize,
+    /// Largest task message a worker accepts, in bytes; larger ones are
+    /// dead-lettered as `too_large` (`MAX_MESSAGE_BYTES`).
+    pub max_message_bytes: usize,
+    /// Port of the worker's health and metrics server (`WORKER_PORT`, else
+    /// `PORT`); 0 picks a free one. It binds `server.host`.
+    pub port: u16,
     /// Grace period for running tasks at SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Heartbeat period; a worker silent for three periods drops off the
@@ -275,6 +284,8 @@ impl Default for WorkerSettings {
             work_dir: None,
             keep_work_dirs: false,
             max_output_bytes: 1024 * 1024,
+            max_message_bytes: 2 * 1024 * 1024,
+            port: 3001,
             shutdown_grace_ms: 30_000,
             heartbeat_interval_ms: 10_000,
             retry_base_delay_ms: 1_000,
@@ -334,8 +345,12 @@ pub struct ClaudeSettings {
     pub allowed_tools: Vec<String>,
     /// `--permission-mode`.
     pub permission_mode: Option<String>,
-    /// Environment variables passed through to the CLI; nothing else is.
+    /// Environment variables passed through to the CLI from the worker's
+    /// own environment; nothing else is.
     pub env_allowlist: Vec<String>,
+    /// Variables set for the CLI with fixed values (for example
+    /// `ANTHROPIC_BASE_URL` for a gateway); they win over passed-through ones.
+    pub env: std::collections::BTreeMap<String, String>,
     /// Treat `is_error: true` as permanent (no retry).
     pub errors_are_permanent: bool,
 }
@@ -366,6 +381,7 @@ impl Default for ClaudeSettings {
             ]
             .map(String::from)
             .to_vec(),
+            env: std::collections::BTreeMap::new(),
             errors_are_permanent: true,
         }
     }
@@ -408,11 +424,7 @@ pub struct ConfigError(#[from] Box<figment::Error>);
 
 /// Settings keys whose values are lists; a flat environment variable gives
 /// them as a comma- or whitespace-separated string.
-const LIST_KEYS: &[&str] = &[
-    "server.allowed_hosts",
-    "worker.command",
-    "worker.claude.allowed_tools",
-];
+const LIST_KEYS: &[&str] = &["server.allowed_hosts", "worker.claude.allowed_tools"];
 
 impl Settings {
     /// Loads settings from the defaults, the YAML file (the argument, or
@@ -464,7 +476,15 @@ impl Settings {
     /// environment provider (numbers, booleans) and split into a list for
     /// list settings.
     fn env_value(key: &str, value: &str) -> Figment {
-        let value: figment::value::Value = if LIST_KEYS.contains(&key) {
+        let value: figment::value::Value = if key == "worker.command" {
+            // A command line: split like a POSIX shell would, so quoted
+            // arguments survive ("sh -c 'sleep 1; cat'"). An unbalanced quote
+            // stays a string and fails extraction with the setting's name.
+            match shell_words::split(value) {
+                Ok(words) => words.into(),
+                Err(_) => value.into(),
+            }
+        } else if LIST_KEYS.contains(&key) {
             value
                 .split(|c: char| c == ',' || c.is_whitespace())
                 .filter(|s| !s.is_empty())
@@ -518,7 +538,7 @@ mod tests {
                 ("TASK_TIMEOUT", "1000"),
                 ("LOG_FORMAT", "json"),
                 ("TASK_EXECUTOR", "command"),
-                ("TASK_COMMAND", "cat -n"),
+                ("TASK_COMMAND", "sh -c 'sleep 1; cat'"),
                 ("NATS_URL", "nats://example:4222"),
                 ("CLAUDECLUSTER_NATS__ACK_WAIT_MS", "1234"),
             ]),
@@ -529,7 +549,7 @@ mod tests {
         assert_eq!(s.worker.task_timeout_ms, 1000);
         assert_eq!(s.log.format, LogFormat::Json);
         assert_eq!(s.worker.executor, Some(ExecutorKind::Command));
-        assert_eq!(s.worker.command, vec!["cat", "-n"]);
+        assert_eq!(s.worker.command, vec!["sh", "-c", "sleep 1; cat"]);
         assert_eq!(s.nats.url.as_deref(), Some("nats://example:4222"));
         assert_eq!(s.nats.ack_wait_ms, 1234);
     }
