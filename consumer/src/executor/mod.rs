@@ -8,10 +8,11 @@
 //! limits to the task's whole process group.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use claudecluster_engine::config::ResourceLimits;
+use claudecluster_engine::config::{ExecutorKind, ResourceLimits, Settings};
 use claudecluster_engine::task::{TaskError, TaskMessage, TaskResult};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +68,13 @@ pub trait Executor: Send + Sync + 'static {
     /// The configuration name (`echo`, `command`, `claude`).
     fn name(&self) -> &'static str;
 
+    /// Whether the task needs a fresh working directory. Executors that
+    /// start no process say no, and the runtime skips creating one; their
+    /// [`ExecContext::work_dir`] then names a directory that does not exist.
+    fn needs_work_dir(&self) -> bool {
+        true
+    }
+
     /// Runs the task once.
     ///
     /// # Errors
@@ -77,3 +85,29 @@ pub trait Executor: Send + Sync + 'static {
 pub mod claude;
 pub mod command;
 pub mod echo;
+
+/// A worker configuration that names an executor it cannot build.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorConfigError {
+    /// `worker.executor` is `command` but `worker.command` (`TASK_COMMAND`)
+    /// is empty.
+    #[error("the command executor needs a program: set TASK_COMMAND (worker.command)")]
+    EmptyCommand,
+}
+
+/// The executor `settings.worker.executor` names; `echo` when it names none
+/// (the all-in-one command decides between `claude` and `echo` itself).
+///
+/// # Errors
+/// An [`ExecutorConfigError`] when the configuration is incomplete.
+pub fn from_settings(settings: &Settings) -> Result<Arc<dyn Executor>, ExecutorConfigError> {
+    match settings.worker.executor.unwrap_or_default() {
+        ExecutorKind::Echo => Ok(Arc::new(echo::EchoExecutor)),
+        ExecutorKind::Command => Ok(Arc::new(command::CommandExecutor::new(
+            &settings.worker.command,
+        )?)),
+        ExecutorKind::Claude => Ok(Arc::new(claude::ClaudeExecutor::new(
+            &settings.worker.claude,
+        ))),
+    }
+}
