@@ -119,20 +119,23 @@ def check_compose(facts: Facts, name: str, project: Doc, report: Callable[[str],
 
 
 def ignored_by_docker(path: str, patterns: list[str]) -> bool:
-    """Whether .dockerignore keeps `path` out of the build context (last
-    matching pattern wins, `!` re-includes)."""
+    """Whether .dockerignore keeps `path` out of the build context: the last
+    matching pattern wins, `!` re-includes, a directory takes its contents
+    with it, and `**/` matches at any depth."""
+    parts = path.split("/")
+    # A pattern matching any leading directory excludes the path too.
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    # For `**/x`: every run of consecutive components, wherever it starts.
+    runs = ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
     ignored = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").strip("/")
-        candidates = [pattern, pattern.removeprefix("**/")] if pattern.startswith("**/") else [pattern]
-        parts = path.split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        for candidate in candidates:
-            deep = candidate != pattern
-            targets = prefixes + ([p for i in range(len(parts)) for p in ["/".join(parts[i:])]] if deep else [])
-            if any(fnmatch.fnmatchcase(t, candidate) for t in targets):
-                ignored = not negate
+    for raw in patterns:
+        pattern = raw.removeprefix("!").strip("/")
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatchcase(run, pattern[3:]) for run in runs)
+        else:
+            hit = any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
+        if hit:
+            ignored = not raw.startswith("!")
     return ignored
 
 

@@ -58,6 +58,12 @@ def pod_labels(doc: Doc) -> dict[str, str]:
     return doc.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {}) or {}
 
 
+def port_keys(container: Doc) -> set[str | int]:
+    """How a Service or probe may name the container's ports: name or number."""
+    ports = container.get("ports", [])
+    return {p["name"] for p in ports if "name" in p} | {p["containerPort"] for p in ports}
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -195,7 +201,7 @@ class Render:
                 seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
                 if seccomp.get("type") not in {"RuntimeDefault", "Localhost"}:
                     self.err(cwhere, "needs seccompProfile RuntimeDefault")
-            for _, container in [(w, c) for w, c in self.claudecluster_containers() if w is workload]:
+            for container in (c for w, c in self.claudecluster_containers() if w is workload):
                 run_as = container.get("securityContext", {}).get("runAsUser", pod_sc.get("runAsUser"))
                 if uid is not None and run_as != uid:
                     self.err(where, f"runs as user {run_as}, the image's user is {uid}")
@@ -211,17 +217,17 @@ class Render:
             if not pods:
                 self.err(where, f"selector {selector} matches no pod template")
                 continue
-            container_ports = {
-                p.get("name") for w in pods for c in pod_spec(w)["containers"] for p in c.get("ports", [])
-            } | {p["containerPort"] for w in pods for c in pod_spec(w)["containers"] for p in c.get("ports", [])}
+            container_ports = set()
+            for pod in pods:
+                for container in pod_spec(pod)["containers"]:
+                    container_ports |= port_keys(container)
             for port in service["spec"].get("ports", []):
                 target = port.get("targetPort", port["port"])
                 if target not in container_ports:
                     self.err(where, f"targetPort {target!r} is not a port of the selected pods")
         for workload in self.workloads():
             for container in pod_spec(workload)["containers"]:
-                names = {p.get("name") for p in container.get("ports", [])} | {
-                    p["containerPort"] for p in container.get("ports", [])}
+                names = port_keys(container)
                 for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                     port = container.get(probe, {}).get("httpGet", {}).get("port")
                     if port is not None and port not in names:
