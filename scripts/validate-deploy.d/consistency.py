@@ -78,6 +78,23 @@ def check_compose(facts: Facts, name: str, project: Doc, report: Callable[[str],
             if isinstance(condition, dict) and condition.get("condition") == "service_healthy":
                 if "healthcheck" not in services.get(dependency, {}):
                     report(f"{where}: waits for {dependency} to be healthy, which has no healthcheck")
+        named_targets = [str(v).split(":")[1] for v in service.get("volumes", [])
+                         if not str(v).startswith((".", "/"))]
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if not source.startswith((".", "/")):
+                continue
+            path = facts.root / "compose" / source
+            if not path.exists():
+                report(f"{where}: mounts {source}, which does not exist")
+                continue
+            # A server configuration must keep its data on a named volume,
+            # or `docker compose down` + `up` loses it.
+            store = re.search(r'(?m)^\s*store_dir:\s*"?([^"\s]+)', path.read_text()) if path.is_file() else None
+            if store and not any(store.group(1).startswith(t.rstrip("/") + "/") or store.group(1) == t
+                                 for t in named_targets):
+                report(f"{where}: {source} keeps data in {store.group(1)}, which is on no named volume "
+                       f"({named_targets})")
         command = service.get("command") or []
         if not command or command[0] not in facts.bin_names:
             continue
@@ -253,6 +270,11 @@ BREAKS: list[tuple[str, Callable[[dict, dict, Facts], None], str]] = [
          test=["CMD", "curl", "-f", "http://127.0.0.1:3001/health"])), "healthcheck port"),
     ("compose misspelt variable",
      _compose_service("consumer", lambda s: s["environment"].update(TASK_TIMEOUT_MS="1")), "TASK_TIMEOUT_MS"),
+    ("compose mounting a file that does not exist",
+     _compose_service("nats", lambda s: s["volumes"].__setitem__(
+         0, "../broker-config/nats/nats.conf:/etc/nats/nats-server.conf:ro")), "does not exist"),
+    ("compose NATS data outside its volume",
+     _compose_service("nats", lambda s: s["volumes"].__setitem__(1, "nats-data:/var/lib/nats")), "named volume"),
     ("compose build target that does not exist",
      _compose_service("producer", lambda s: s["build"].update(target="prod")), "build target"),
     (".dockerignore hiding the lock file",
