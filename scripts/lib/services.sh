@@ -20,8 +20,7 @@ cc_free_port() {
 }
 
 cc_wait_port() { # port what
-  local i
-  for i in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     cc_port_open 127.0.0.1 "$1" && return 0
     sleep 0.1
   done
