@@ -193,17 +193,19 @@ impl Enforcement {
     }
 
     /// Which limit, if any, ended a process that exited on its own with this
-    /// status and standard error.
+    /// exit code or signal and standard error.
     pub(crate) fn classify(
         &self,
+        exit_code: Option<i32>,
         signal: Option<i32>,
-        failed: bool,
         stderr: &[u8],
     ) -> Option<LimitHit> {
-        if self.cpu_limited && signal == Some(nix::libc::SIGXCPU) {
+        // A shell reports a child killed by signal N as exit code 128 + N.
+        let by = |sig: i32| signal == Some(sig) || exit_code == Some(128 + sig);
+        if self.cpu_limited && by(nix::libc::SIGXCPU) {
             return Some(LimitHit::CpuTime);
         }
-        if self.disk_limited && signal == Some(nix::libc::SIGXFSZ) {
+        if self.disk_limited && by(nix::libc::SIGXFSZ) {
             return Some(LimitHit::Disk);
         }
         if let Some(group) = &self.cgroup
@@ -212,7 +214,7 @@ impl Enforcement {
         {
             return Some(LimitHit::Memory);
         }
-        if !failed {
+        if exit_code == Some(0) {
             return None;
         }
         // Under rlimits an allocation or a write just fails; programs report
@@ -351,24 +353,31 @@ mod tests {
     fn classifies_limit_signals_and_messages() {
         let limits = ResourceLimits::default();
         let plan = Enforcement::plan(&limits, Duration::from_secs(1), Path::new("/nonexistent"));
+        let xcpu = nix::libc::SIGXCPU;
+        let xfsz = nix::libc::SIGXFSZ;
         assert_eq!(
-            plan.classify(Some(nix::libc::SIGXCPU), true, b""),
+            plan.classify(None, Some(xcpu), b""),
             Some(LimitHit::CpuTime)
         );
         assert_eq!(
-            plan.classify(Some(nix::libc::SIGXFSZ), true, b""),
+            plan.classify(Some(128 + xcpu), None, b""),
+            Some(LimitHit::CpuTime)
+        );
+        assert_eq!(plan.classify(None, Some(xfsz), b""), Some(LimitHit::Disk));
+        assert_eq!(
+            plan.classify(Some(128 + xfsz), None, b""),
             Some(LimitHit::Disk)
         );
         assert_eq!(
-            plan.classify(None, true, b"Traceback...\nMemoryError\n"),
+            plan.classify(Some(1), None, b"Traceback...\nMemoryError\n"),
             Some(LimitHit::Memory)
         );
         assert_eq!(
-            plan.classify(None, true, b"write: File too large"),
+            plan.classify(Some(1), None, b"write: File too large"),
             Some(LimitHit::Disk)
         );
-        assert_eq!(plan.classify(None, false, b"out of memory"), None);
-        assert_eq!(plan.classify(None, true, b"no such file"), None);
+        assert_eq!(plan.classify(Some(0), None, b"out of memory"), None);
+        assert_eq!(plan.classify(Some(1), None, b"no such file"), None);
         let none = Enforcement::plan(
             &ResourceLimits {
                 max_memory_mb: None,
@@ -378,9 +387,6 @@ mod tests {
             Duration::from_secs(1),
             Path::new("/nonexistent"),
         );
-        assert_eq!(
-            none.classify(Some(nix::libc::SIGXCPU), true, b"out of memory"),
-            None
-        );
+        assert_eq!(none.classify(None, Some(xcpu), b"out of memory"), None);
     }
 }

@@ -149,8 +149,7 @@ async fn run_enforced(
                 let message = String::from_utf8_lossy(&output.stderr).trim().to_owned();
                 return Err(permanent("spawn_failed", message, None));
             }
-            let failed = output.exit_code != Some(0);
-            match enforcement.classify(output.signal, failed, &output.stderr) {
+            match enforcement.classify(output.exit_code, output.signal, &output.stderr) {
                 Some(hit) => Err(limit_error(hit, Some(output))),
                 None => Ok(output),
             }
