@@ -44,6 +44,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// Buckets of `claudecluster_http_request_duration_seconds`: sub-millisecond
+/// submits up to the request timeout's range.
+pub const HTTP_DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
     std::sync::OnceLock::new();
 
@@ -59,6 +65,12 @@ pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
             )
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Suffix("latency_seconds".into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("claudecluster_http_request_duration_seconds".into()),
+                    HTTP_DURATION_BUCKETS,
+                )
             })
             // Bucket lists are non-empty constants, so this cannot fail.
             .expect("valid histogram buckets");
