@@ -1,1 +1,569 @@
-//! Redis result store (to be written).
+//! The Redis result store: task state for the networked deployment.
+//!
+//! Every transition of the state machine is one Lua script (see
+//! `redis/scripts/`), so it is atomic and costs one round trip: two workers
+//! racing on a redelivered task cannot move a record out of a final state.
+//! Records live in one hash per task ([`record`] describes the fields) and
+//! expire `result_ttl_secs` after their last change. Indexes per state make
+//! `list` with a state filter cheap; they are trimmed as they are written.
+//! Every transition also publishes `{"id","state"}` on
+//! `<prefix>events:<id>`, for clients that want to follow a task.
+//!
+//! Connections come from a deadpool pool of multiplexed connections sized by
+//! `RedisSettings::pool_size`.
+
+mod keys;
+mod record;
+mod reply;
+mod scripts;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ::redis::aio::ConnectionLike;
+use ::redis::{
+    AsyncConnectionConfig, ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tracing::instrument;
+
+use self::keys::{Cursor, Keys};
+use self::scripts::Scripts;
+use super::{
+    AttemptEnd, CancelOutcome, CreateOutcome, EndOutcome, ResultStore, StartOutcome, StoreError,
+    TaskPage, WorkerInfo,
+};
+use crate::config::RedisSettings;
+use crate::task::{TaskId, TaskMessage, TaskRecord, TaskState};
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one command may take. Generous: a pipelined batch of creates is
+/// one "command" from the client's point of view.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits for a free pooled connection.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest page `list` returns.
+const MAX_PAGE: usize = 1000;
+/// Index reads per `list` call when expired or moved entries leave holes.
+const MAX_LIST_ROUNDS: usize = 8;
+
+/// Task state in Redis.
+pub struct RedisStore {
+    pool: deadpool_redis::Pool,
+    keys: Keys,
+    ttl_secs: u64,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: only the prefix is shown.
+        f.debug_struct("RedisStore")
+            .field("key_prefix", &self.keys.prefix())
+            .field("ttl_secs", &self.ttl_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store over a pool of connections to `url`; connections open on
+    /// first use.
+    ///
+    /// # Errors
+    /// [`StoreError::Other`] when the URL is not a Redis URL.
+    pub fn new(url: &str, settings: &RedisSettings) -> Result<Self, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let manager = deadpool_redis::Manager::new_with_config(url, config)
+            .map_err(|e| StoreError::Other(format!("invalid Redis URL: {e}")))?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(settings.pool_size.max(1))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(RESPONSE_TIMEOUT))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Other(format!("cannot build the Redis pool: {e}")))?;
+        Ok(Self {
+            pool,
+            keys: Keys::new(&settings.key_prefix),
+            // EXPIRE 0 would delete the record at once.
+            ttl_secs: settings.result_ttl_secs.max(1),
+            scripts: Scripts::new(),
+        })
+    }
+
+    /// [`Self::new`], then a `PING` to prove Redis answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it does not.
+    pub async fn connect(url: &str, settings: &RedisSettings) -> Result<Self, StoreError> {
+        let store = Self::new(url, settings)?;
+        store.health().await?;
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool.get().await.map_err(reply::pool_error)
+    }
+
+    /// Index entries created before this (ms) belong to expired records.
+    fn cutoff_ms(&self) -> i64 {
+        let ttl_ms = i64::try_from(self.ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        Utc::now().timestamp_millis().saturating_sub(ttl_ms)
+    }
+
+    async fn eval(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        let mut conn = self.conn().await?;
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)
+    }
+
+    fn create_invocation(
+        &self,
+        record: &TaskRecord,
+        cutoff: i64,
+    ) -> Result<ScriptInvocation<'_>, StoreError> {
+        let fields = record::encode(record)?;
+        let mut invocation = self.scripts.create.prepare_invoke();
+        invocation
+            .key(self.keys.task(record.id))
+            .arg(self.keys.prefix())
+            .arg(record.id.to_string())
+            .arg(record.idempotency_key.as_deref().unwrap_or(""))
+            .arg(self.ttl_secs)
+            .arg(record.created_at.timestamp_millis())
+            .arg(cutoff)
+            .arg(record.state.as_str())
+            .arg(fields);
+        Ok(invocation)
+    }
+
+    fn create_outcome(value: Value) -> Result<CreateOutcome, StoreError> {
+        let (code, mut rest) = reply::coded("create", value)?;
+        if code == 1 {
+            return Ok(CreateOutcome::Created);
+        }
+        let (Some(owner), Some(fields)) = (rest.next(), rest.next()) else {
+            return Err(StoreError::Other("short reply to create".into()));
+        };
+        let owner = reply::text("create", owner)?;
+        let fields = reply::pairs("create", fields)?;
+        Ok(CreateOutcome::Existing(Box::new(record::decode(
+            &owner, fields,
+        )?)))
+    }
+
+    fn decode_fields(id: TaskId, what: &str, value: Value) -> Result<TaskRecord, StoreError> {
+        record::decode(&id.to_string(), reply::pairs(what, value)?)
+    }
+
+    /// Runs a pipeline of script calls, loading the script first if Redis
+    /// does not know it yet (a fresh or restarted server).
+    async fn pipeline_scripts(
+        &self,
+        script: &::redis::Script,
+        invocations: &[ScriptInvocation<'_>],
+    ) -> Result<Vec<RedisResult<Value>>, StoreError> {
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for invocation in invocations {
+            pipe.invoke_script(invocation);
+        }
+        let mut conn = self.conn().await?;
+        let results: Vec<RedisResult<Value>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)?;
+        let no_script = results.iter().any(
+            |r| matches!(r, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)),
+        );
+        if !no_script {
+            return Ok(results);
+        }
+        // Nothing ran (the script was unknown for every call): load it and
+        // send the batch again.
+        script
+            .load_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)?;
+        pipe.query_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)
+    }
+
+    async fn list_round(
+        &self,
+        conn: &mut impl ConnectionLike,
+        index: &str,
+        cursor: Option<&Cursor>,
+        want: usize,
+        cutoff: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let max = cursor.map_or_else(|| "+inf".to_owned(), |c| c.score.to_string());
+        let after = cursor.map_or("", |c| c.id.as_str());
+        let value: Value = self
+            .scripts
+            .list
+            .key(index)
+            .arg(max)
+            .arg(after)
+            .arg(want)
+            .arg(cutoff)
+            .invoke_async(conn)
+            .await
+            .map_err(reply::redis_error)?;
+        let mut items = reply::array("list", value)?.into_iter();
+        let mut out = Vec::new();
+        while let (Some(id), Some(score)) = (items.next(), items.next()) {
+            out.push((reply::text("list", id)?, reply::int("list", &score)?));
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl ResultStore for RedisStore {
+    #[instrument(level = "debug", skip_all, fields(task_id = %record.id))]
+    async fn create(&self, record: &TaskRecord) -> Result<CreateOutcome, StoreError> {
+        let invocation = self.create_invocation(record, self.cutoff_ms())?;
+        let value = self.eval(&invocation).await?;
+        Self::create_outcome(value)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(count = records.len()))]
+    async fn create_many(&self, records: &[TaskRecord]) -> Vec<Result<CreateOutcome, StoreError>> {
+        let cutoff = self.cutoff_ms();
+        let mut out: Vec<Option<Result<CreateOutcome, StoreError>>> =
+            Vec::with_capacity(records.len());
+        let mut invocations = Vec::with_capacity(records.len());
+        for record in records {
+            match self.create_invocation(record, cutoff) {
+                Ok(inv) => {
+                    invocations.push(inv);
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if invocations.is_empty() {
+            return out.into_iter().flatten().collect();
+        }
+        let mut results = match self
+            .pipeline_scripts(&self.scripts.create, &invocations)
+            .await
+        {
+            Ok(results) => results.into_iter(),
+            Err(e) => {
+                // One failure for the whole round trip: every record that was
+                // sent shares it.
+                return out
+                    .into_iter()
+                    .map(|slot| slot.unwrap_or_else(|| Err(StoreError::Unavailable(e.to_string()))))
+                    .collect();
+            }
+        };
+        out.into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| match results.next() {
+                    Some(Ok(value)) => Self::create_outcome(value),
+                    Some(Err(e)) => Err(reply::redis_error(e)),
+                    None => Err(StoreError::Other("missing reply in a create batch".into())),
+                })
+            })
+            .collect()
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
+    async fn remove(&self, id: TaskId, idempotency_key: Option<&str>) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.remove.prepare_invoke();
+        invocation
+            .key(self.keys.task(id))
+            .arg(self.keys.prefix())
+            .arg(id.to_string())
+            .arg(idempotency_key.unwrap_or(""));
+        self.eval(&invocation).await.map(drop)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
+    async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let mut conn = self.conn().await?;
+        let value: Value = ::redis::cmd("HGETALL")
+            .arg(self.keys.task(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)?;
+        let fields = reply::pairs("HGETALL", value)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        record::decode(&id.to_string(), fields).map(Some)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
+    async fn start_attempt(
+        &self,
+        msg: &TaskMessage,
+        worker_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<StartOutcome, StoreError> {
+        let mut invocation = self.scripts.start_attempt.prepare_invoke();
+        invocation
+            .key(self.keys.task(msg.id))
+            .arg(self.keys.prefix())
+            .arg(msg.id.to_string())
+            .arg(self.ttl_secs)
+            .arg(self.cutoff_ms())
+            .arg(worker_id)
+            .arg(record::timestamp(at))
+            .arg(record::to_json(msg)?)
+            .arg(msg.created_at.timestamp_millis());
+        let (code, mut rest) = reply::coded("start_attempt", self.eval(&invocation).await?)?;
+        let detail = rest
+            .next()
+            .ok_or_else(|| StoreError::Other("short reply to start_attempt".into()))?;
+        if code == 1 {
+            let attempt = reply::int("start_attempt", &detail)?;
+            let attempt = u32::try_from(attempt)
+                .map_err(|_| StoreError::Other(format!("attempt number {attempt} out of range")))?;
+            return Ok(StartOutcome::Started { attempt });
+        }
+        let state = reply::text("start_attempt", detail)?;
+        TaskState::parse(&state)
+            .map(StartOutcome::AlreadyFinal)
+            .ok_or_else(|| StoreError::Corrupt {
+                id: msg.id.to_string(),
+                reason: format!("unknown state {state:?}"),
+            })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %id, attempt, state = %end.state))]
+    async fn end_attempt(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        end: &AttemptEnd,
+    ) -> Result<EndOutcome, StoreError> {
+        if end.state == TaskState::Running {
+            return Err(StoreError::Other(
+                "an attempt ends in queued (retry) or a final state, not running".into(),
+            ));
+        }
+        let result = end.result.as_ref().map(record::to_json).transpose()?;
+        let error = end.error.as_ref().map(record::to_json).transpose()?;
+        let mut invocation = self.scripts.end_attempt.prepare_invoke();
+        invocation
+            .key(self.keys.task(id))
+            .arg(self.keys.prefix())
+            .arg(id.to_string())
+            .arg(self.ttl_secs)
+            .arg(self.cutoff_ms())
+            .arg(attempt)
+            .arg(end.state.as_str())
+            .arg(record::timestamp(end.at))
+            .arg(result.unwrap_or_default())
+            .arg(error.unwrap_or_default());
+        let (code, mut rest) = reply::coded("end_attempt", self.eval(&invocation).await?)?;
+        match code {
+            1 => Ok(EndOutcome::Written),
+            0 => {
+                let state = rest
+                    .next()
+                    .ok_or_else(|| StoreError::Other("short reply to end_attempt".into()))?;
+                let state = reply::text("end_attempt", state)?;
+                TaskState::parse(&state)
+                    .map(EndOutcome::AlreadyFinal)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        id: id.to_string(),
+                        reason: format!("unknown state {state:?}"),
+                    })
+            }
+            _ => Err(StoreError::Other(format!(
+                "task {id} has no record (expired or removed)"
+            ))),
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
+    async fn reopen(&self, msg: &TaskMessage, at: DateTime<Utc>) -> Result<TaskRecord, StoreError> {
+        let mut invocation = self.scripts.reopen.prepare_invoke();
+        invocation
+            .key(self.keys.task(msg.id))
+            .arg(self.keys.prefix())
+            .arg(msg.id.to_string())
+            .arg(self.ttl_secs)
+            .arg(self.cutoff_ms())
+            .arg(record::timestamp(at))
+            .arg(record::to_json(msg)?)
+            .arg(msg.created_at.timestamp_millis());
+        let value = self.eval(&invocation).await?;
+        Self::decode_fields(msg.id, "reopen", value)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
+    async fn cancel(&self, id: TaskId, at: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        let mut invocation = self.scripts.cancel.prepare_invoke();
+        invocation
+            .key(self.keys.task(id))
+            .arg(self.keys.prefix())
+            .arg(id.to_string())
+            .arg(self.ttl_secs)
+            .arg(self.cutoff_ms())
+            .arg(record::timestamp(at));
+        let (code, mut rest) = reply::coded("cancel", self.eval(&invocation).await?)?;
+        if code < 0 {
+            return Ok(CancelOutcome::NotFound);
+        }
+        let fields = rest
+            .next()
+            .ok_or_else(|| StoreError::Other("short reply to cancel".into()))?;
+        let record = Box::new(Self::decode_fields(id, "cancel", fields)?);
+        Ok(if code == 1 {
+            CancelOutcome::Cancelled(record)
+        } else {
+            CancelOutcome::AlreadyFinal(record)
+        })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(state = ?state, limit))]
+    async fn list(
+        &self,
+        state: Option<TaskState>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage, StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut cursor = cursor.map(Cursor::parse).transpose()?;
+        let index = self.keys.index(state);
+        let all_index = self.keys.index(None);
+        let cutoff = self.cutoff_ms();
+        let mut conn = self.conn().await?;
+        let mut tasks = Vec::with_capacity(limit);
+
+        for _ in 0..MAX_LIST_ROUNDS {
+            let want = limit - tasks.len();
+            let entries = self
+                .list_round(&mut conn, &index, cursor.as_ref(), want, cutoff)
+                .await?;
+            let more = entries.len() > want;
+            let page = &entries[..entries.len().min(want)];
+
+            let mut pipe = ::redis::pipe();
+            for (id, _) in page {
+                pipe.cmd("HGETALL").arg(self.keys.task_named(id));
+            }
+            let hashes: Vec<HashMap<String, String>> = if page.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(reply::redis_error)?
+            };
+
+            let mut gone = Vec::new();
+            for ((id, score), fields) in page.iter().zip(hashes) {
+                cursor = Some(Cursor {
+                    score: *score,
+                    id: id.clone(),
+                });
+                if fields.is_empty() {
+                    gone.push(id.clone());
+                    continue;
+                }
+                match record::decode(id, fields) {
+                    // The index and the hash are read in two steps; a task
+                    // that changed state in between is left for its new index.
+                    Ok(record) if state.is_some_and(|s| s != record.state) => {}
+                    Ok(record) => tasks.push(record),
+                    Err(e) => {
+                        tracing::warn!(task_id = %id, error = %e, "skipping unreadable task record")
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                // Records expired: drop their index entries now.
+                let mut pipe = ::redis::pipe();
+                pipe.cmd("ZREM").arg(&index).arg(&gone).ignore();
+                pipe.cmd("ZREM").arg(&all_index).arg(&gone).ignore();
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(reply::redis_error)?;
+            }
+            if !more {
+                return Ok(TaskPage {
+                    tasks,
+                    next_cursor: None,
+                });
+            }
+            if tasks.len() >= limit {
+                break;
+            }
+        }
+        Ok(TaskPage {
+            tasks,
+            next_cursor: cursor.map(|c| c.encode()),
+        })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker_id = %info.id))]
+    async fn heartbeat(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.heartbeat.prepare_invoke();
+        invocation
+            .key(self.keys.workers())
+            .key(self.keys.workers_expiry())
+            .arg(&info.id)
+            .arg(record::to_json(info)?)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.eval(&invocation).await.map(drop)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker_id = %id))]
+    async fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        ::redis::pipe()
+            .cmd("HDEL")
+            .arg(self.keys.workers())
+            .arg(id)
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.workers_expiry())
+            .arg(id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(reply::redis_error)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError> {
+        let mut invocation = self.scripts.workers.prepare_invoke();
+        invocation
+            .key(self.keys.workers())
+            .key(self.keys.workers_expiry());
+        let items = reply::array("workers", self.eval(&invocation).await?)?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let json = reply::text("workers", item)?;
+            match serde_json::from_str::<WorkerInfo>(&json) {
+                Ok(info) => out.push(info),
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable worker heartbeat"),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(reply::redis_error)
+    }
+}

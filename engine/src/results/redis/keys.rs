@@ -1,0 +1,100 @@
+//! Key names, all under the configured prefix so deployments and tests can
+//! share one Redis, and the list cursor format.
+
+use crate::results::StoreError;
+use crate::task::{TaskId, TaskState};
+
+/// The key names of one store.
+#[derive(Debug, Clone)]
+pub(super) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The prefix itself; scripts derive the keys a transition touches from
+    /// it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The hash of one task.
+    pub fn task(&self, id: TaskId) -> String {
+        self.task_named(&id.to_string())
+    }
+
+    /// The hash of one task, from the id as an index stores it.
+    pub fn task_named(&self, id: &str) -> String {
+        format!("{}task:{id}", self.prefix)
+    }
+
+    /// The index of all tasks (`None`) or of the tasks in one state: a ZSET
+    /// scored by `created_at` in milliseconds.
+    pub fn index(&self, state: Option<TaskState>) -> String {
+        match state {
+            None => format!("{}index", self.prefix),
+            Some(s) => format!("{}index:{}", self.prefix, s.as_str()),
+        }
+    }
+
+    /// Worker id to `WorkerInfo` JSON.
+    pub fn workers(&self) -> String {
+        format!("{}workers", self.prefix)
+    }
+
+    /// Worker id scored by the time its heartbeat expires.
+    pub fn workers_expiry(&self) -> String {
+        format!("{}workers:expiry", self.prefix)
+    }
+}
+
+/// A position in a listing: the index score and id of the last task shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Cursor {
+    pub score: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// Parses a cursor issued by [`Cursor::encode`].
+    ///
+    /// # Errors
+    /// [`StoreError::Other`] for anything else.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        let bad = || StoreError::Other(format!("invalid list cursor {s:?}"));
+        let (score, id) = s.split_once(':').ok_or_else(bad)?;
+        let score = score.parse().map_err(|_| bad())?;
+        let id: TaskId = id.parse().map_err(|_| bad())?;
+        Ok(Self {
+            score,
+            id: id.to_string(),
+        })
+    }
+
+    /// The opaque string handed to clients.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.score, self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            score: 1_700_000_000_123,
+            id: uuid::Uuid::now_v7().to_string(),
+        };
+        assert_eq!(Cursor::parse(&c.encode()).unwrap(), c);
+        for bad in ["", "12", "x:y", "12:not-a-uuid"] {
+            assert!(Cursor::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

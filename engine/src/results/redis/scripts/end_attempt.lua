@@ -1,0 +1,65 @@
+-- Records how an attempt ended, unless the task is already final.
+--
+-- KEYS[1]  the task hash
+-- ARGV[1]  key prefix        ARGV[2]  task id
+-- ARGV[3]  TTL in seconds    ARGV[4]  index cutoff (ms)
+-- ARGV[5]  attempt number    ARGV[6]  the new state
+-- ARGV[7]  now (RFC 3339)
+-- ARGV[8]  result JSON, '' for none
+-- ARGV[9]  error JSON, '' for none
+--
+-- Returns {1} when written, {0, state} when the task was already final (the
+-- execution is counted as a duplicate), {-1} when there is no record.
+local prefix, id, ttl, cutoff = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local n, new, at, result, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local h = KEYS[1]
+
+local cur = redis.call('HMGET', h, 'state', 'created_ms', 'worker_id', 'started_at')
+local state, score = cur[1], cur[2] or '0'
+if not state then
+  return {-1}
+end
+if FINAL[state] then
+  redis.call('HINCRBY', h, 'duplicates', 1)
+  redis.call('EXPIRE', h, ttl)
+  return {0, state}
+end
+
+local field = 'attempt:' .. n
+local raw = redis.call('HGET', h, field)
+local attempt
+if raw then
+  attempt = cjson.decode(raw)
+else
+  attempt = {number = tonumber(n), worker_id = cur[3] or '', started_at = cur[4] or at}
+end
+attempt.finished_at = at
+attempt.outcome = new
+if err ~= '' then
+  attempt.error = cjson.decode(err)
+else
+  attempt.error = nil
+end
+
+redis.call('HSET', h, 'state', new, 'updated_at', at, field, cjson.encode(attempt))
+if result ~= '' then
+  redis.call('HSET', h, 'result', result)
+else
+  redis.call('HDEL', h, 'result')
+end
+if err ~= '' then
+  redis.call('HSET', h, 'error', err)
+else
+  redis.call('HDEL', h, 'error')
+end
+if FINAL[new] then
+  redis.call('HSET', h, 'finished_at', at)
+else
+  -- Back on the queue for a retry.
+  redis.call('HSET', h, 'queued_at', at)
+  redis.call('HDEL', h, 'finished_at')
+end
+redis.call('EXPIRE', h, ttl)
+index_move(prefix, id, score, cutoff, state, new)
+publish(prefix, id, new)
+return {1}

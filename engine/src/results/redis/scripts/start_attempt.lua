@@ -1,0 +1,34 @@
+-- Marks a task running and opens a new attempt.
+--
+-- KEYS[1]  the task hash
+-- ARGV[1]  key prefix        ARGV[2]  task id
+-- ARGV[3]  TTL in seconds    ARGV[4]  index cutoff (ms)
+-- ARGV[5]  worker id         ARGV[6]  now (RFC 3339)
+-- ARGV[7]  the task message JSON, to create a missing record
+-- ARGV[8]  index score of a missing record (created_at, ms)
+--
+-- Returns {1, attempt} when started, {0, state} when the task is final.
+local prefix, id, ttl, cutoff, worker, at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local h = KEYS[1]
+
+local cur = redis.call('HMGET', h, 'state', 'created_ms')
+local state, score = cur[1], cur[2] or ARGV[8]
+if not state then
+  -- A message published straight onto the queue by another system: its
+  -- record starts here.
+  score = ARGV[8]
+  redis.call('HSET', h, 'message', ARGV[7], 'state', 'queued', 'attempts', 0,
+    'duplicates', 0, 'queued_at', at, 'updated_at', at, 'created_ms', score)
+  index_add(prefix, id, score, cutoff)
+elseif FINAL[state] then
+  return {0, state}
+end
+
+local n = redis.call('HINCRBY', h, 'attempts', 1)
+redis.call('HSET', h, 'state', 'running', 'worker_id', worker, 'started_at', at,
+  'updated_at', at,
+  'attempt:' .. n, cjson.encode({number = n, worker_id = worker, started_at = at}))
+redis.call('EXPIRE', h, ttl)
+index_move(prefix, id, score, cutoff, state or nil, 'running')
+publish(prefix, id, 'running')
+return {1, n}

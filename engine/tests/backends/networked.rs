@@ -1,0 +1,402 @@
+//! Checks that only make sense for NATS JetStream and Redis: idempotent
+//! setup against existing and racing definitions, the layout and TTL of
+//! Redis keys, headers on the stream, and errors when a server is away.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use chrono::Utc;
+use claudecluster_engine::broker::jetstream::JetStreamBroker;
+use claudecluster_engine::broker::jetstream::definitions::Definitions;
+use claudecluster_engine::broker::{BrokerError, TaskConsumer, TaskPublisher};
+use claudecluster_engine::results::redis::RedisStore;
+use claudecluster_engine::results::{ResultStore, StoreError};
+use claudecluster_engine::task::TraceContext;
+use claudecluster_testkit::services;
+
+use crate::harness::{Cleanup, Fixture, message, networked_settings, record, take, within};
+use crate::proxy::{Proxy, host_port};
+
+async fn nats() -> async_nats::Client {
+    async_nats::connect(services::nats_url())
+        .await
+        .expect("connect to the test NATS")
+}
+
+async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(services::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test Redis")
+}
+
+async fn ttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("TTL").arg(key).query_async(conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn racing_setups_both_succeed_and_converge() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let (a, b) = tokio::join!(
+        async { JetStreamBroker::setup(nats().await, &settings.nats).await },
+        async { JetStreamBroker::setup(nats().await, &settings.nats).await },
+    );
+    let result = a.and(b);
+    // A changed lease is applied to the existing consumers on the next start.
+    let mut longer = settings.nats.clone();
+    longer.ack_wait_ms = 7_000;
+    let again = JetStreamBroker::setup(nats().await, &longer).await;
+    let js = jetstream::new(nats().await);
+    let info = js
+        .get_stream(&settings.nats.stream)
+        .await
+        .unwrap()
+        .consumer_info(format!("{}-high", settings.nats.consumer_prefix))
+        .await
+        .unwrap();
+    result.expect("both racing setups succeed");
+    again.expect("setup over existing resources");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+}
+
+#[tokio::test]
+async fn setup_keeps_an_operators_stream_limits() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let definitions = Definitions::from_settings(&settings.nats).unwrap();
+    let js = jetstream::new(nats().await);
+    // The operator created the stream first, with a byte limit of their own
+    // and an older duplicate window.
+    let operator = stream::Config {
+        max_bytes: 64 * 1024 * 1024,
+        duplicate_window: Duration::from_secs(30),
+        ..definitions.tasks.clone()
+    };
+    js.create_stream(operator).await.expect("operator's stream");
+    let setup = JetStreamBroker::setup(nats().await, &settings.nats).await;
+    let config = js
+        .get_stream(&settings.nats.stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    setup.expect("setup over the operator's stream");
+    assert_eq!(config.max_bytes, 64 * 1024 * 1024, "their limit stays");
+    assert_eq!(
+        config.duplicate_window, definitions.tasks.duplicate_window,
+        "our window is applied"
+    );
+}
+
+#[tokio::test]
+async fn setup_fails_clearly_when_a_stream_cannot_carry_our_subjects() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let js = jetstream::new(nats().await);
+    // An operator's stream on other subjects that cannot be updated
+    // (sealed): setup must say so rather than run without a queue.
+    js.create_stream(stream::Config {
+        name: settings.nats.stream.clone(),
+        subjects: vec![format!("{}.other", settings.nats.subject_prefix)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut sealed = js
+        .get_stream(&settings.nats.stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    sealed.sealed = true;
+    js.update_stream(sealed).await.expect("seal the stream");
+    let setup = JetStreamBroker::setup(nats().await, &settings.nats).await;
+    match setup {
+        Err(BrokerError::Setup(reason)) => assert!(reason.contains("subjects"), "{reason}"),
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn task_messages_carry_id_and_trace_headers() {
+    let fixture = Fixture::networked().await;
+    let mut msg = message(5);
+    msg.trace = Some(TraceContext {
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        tracestate: Some("bad\r\nheader".into()),
+    });
+    fixture.backends.publisher.publish(&msg).await.unwrap();
+    let js = jetstream::new(nats().await);
+    let stored = js
+        .get_stream(&fixture.settings.nats.stream)
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    let header = |name: &str| stored.headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(
+        stored.subject.as_str(),
+        format!("{}.normal", fixture.settings.nats.subject_prefix)
+    );
+    assert_eq!(header("Nats-Msg-Id"), Some(msg.id.to_string()));
+    assert_eq!(header("ClaudeCluster-Task-Id"), Some(msg.id.to_string()));
+    assert_eq!(
+        header("traceparent").as_deref(),
+        msg.trace.as_ref().and_then(|t| t.traceparent.as_deref())
+    );
+    assert_eq!(
+        header("tracestate"),
+        None,
+        "an unsafe header value is dropped"
+    );
+    let batch = take(fixture.backends.consumer.as_ref(), 1, 1).await;
+    crate::harness::ack_all(&batch).await;
+    fixture.cleanup().await;
+}
+
+#[tokio::test]
+async fn records_and_keys_expire_and_writes_refresh_them() {
+    let mut settings = networked_settings();
+    settings.redis.result_ttl_secs = 3600;
+    let _cleanup = Cleanup(settings.clone());
+    let store = RedisStore::connect(&services::redis_url(), &settings.redis)
+        .await
+        .unwrap();
+    let prefix = settings.redis.key_prefix.clone();
+    let mut r = record();
+    r.idempotency_key = Some("ttl-key".into());
+    store.create(&r).await.unwrap();
+
+    let mut conn = redis_conn().await;
+    let task_key = format!("{prefix}task:{}", r.id);
+    let task_ttl = ttl(&mut conn, &task_key).await;
+    let idem_ttl = ttl(&mut conn, &format!("{prefix}idem:ttl-key")).await;
+    // Shorten the record's TTL by hand; the next transition restores it.
+    let _: () = redis::cmd("EXPIRE")
+        .arg(&task_key)
+        .arg(100)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store
+        .start_attempt(&r.to_message(), "w1", Utc::now())
+        .await
+        .unwrap();
+    let refreshed = ttl(&mut conn, &task_key).await;
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&task_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    assert!((3000..=3600).contains(&task_ttl), "task TTL {task_ttl}");
+    assert!(
+        (3000..=3600).contains(&idem_ttl),
+        "idempotency key TTL {idem_ttl}"
+    );
+    assert!(refreshed > 100, "a write refreshes the TTL ({refreshed})");
+    for f in [
+        "message",
+        "state",
+        "attempts",
+        "updated_at",
+        "attempt:1",
+        "worker_id",
+    ] {
+        assert!(fields.iter().any(|x| x == f), "field {f} in {fields:?}");
+    }
+}
+
+#[tokio::test]
+async fn transitions_publish_events() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let store = RedisStore::connect(&services::redis_url(), &settings.redis)
+        .await
+        .unwrap();
+    let r = record();
+    let client = redis::Client::open(services::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}events:{}", settings.redis.key_prefix, r.id))
+        .await
+        .unwrap();
+    store.create(&r).await.unwrap();
+    store
+        .start_attempt(&r.to_message(), "w1", Utc::now())
+        .await
+        .unwrap();
+    let mut events = pubsub.on_message();
+    let mut states = Vec::new();
+    for _ in 0..2 {
+        let msg = crate::harness::within("an event", futures::StreamExt::next(&mut events))
+            .await
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+        assert_eq!(payload["id"], r.id.to_string());
+        states.push(payload["state"].as_str().unwrap().to_owned());
+    }
+    drop(events);
+    assert_eq!(states, ["queued", "running"]);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_unavailable() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let store = RedisStore::new("redis://127.0.0.1:1", &settings.redis).unwrap();
+    assert!(matches!(
+        store.health().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.get(uuid::Uuid::now_v7()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        RedisStore::new("not a url", &settings.redis),
+        Err(StoreError::Other(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_publisher_recreates_a_deleted_stream() {
+    let fixture = Fixture::networked().await;
+    // The stream disappears under a running intake (a server that lost its
+    // storage, an operator's mistake): the next publish recreates it.
+    let js = jetstream::new(nats().await);
+    js.delete_stream(&fixture.settings.nats.stream)
+        .await
+        .unwrap();
+    let msg = message(5);
+    fixture
+        .backends
+        .publisher
+        .publish(&msg)
+        .await
+        .expect("publish after repair");
+    let batch = take(fixture.backends.consumer.as_ref(), 1, 1).await;
+    assert_eq!(crate::harness::id_of(&batch[0]), msg.id);
+    crate::harness::ack_all(&batch).await;
+    fixture.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_reports_and_recreates_deleted_consumers() {
+    let fixture = Fixture::networked().await;
+    let js = jetstream::new(nats().await);
+    js.delete_stream(&fixture.settings.nats.stream)
+        .await
+        .unwrap();
+    let pulled = crate::harness::within("a pull", fixture.backends.consumer.next_batch(1)).await;
+    assert!(
+        matches!(pulled, Err(BrokerError::Unavailable(_))),
+        "{pulled:?}"
+    );
+    // The failed pull recreated stream and consumers: work flows again.
+    let msg = message(9);
+    fixture.backends.publisher.publish(&msg).await.unwrap();
+    let batch = take(fixture.backends.consumer.as_ref(), 1, 1).await;
+    assert_eq!(crate::harness::id_of(&batch[0]), msg.id);
+    crate::harness::ack_all(&batch).await;
+    fixture.cleanup().await;
+}
+
+/// `url` with its server replaced by the proxy's.
+fn through(proxy: &Proxy, url: &str) -> String {
+    url.replacen(&host_port(url), &format!("127.0.0.1:{}", proxy.port()), 1)
+}
+
+/// Polls `check` until it holds; for states that have no event to await
+/// (a client noticing a dropped connection, a pool replacing a dead one).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nats_outage_is_reported_and_survived() {
+    let fixture = Fixture::networked().await;
+    let nats_url = services::nats_url();
+    let proxy = Proxy::start(&host_port(&nats_url)).await;
+    let client = async_nats::connect(through(&proxy, &nats_url))
+        .await
+        .unwrap();
+    let broker = JetStreamBroker::setup(client, &fixture.settings.nats)
+        .await
+        .unwrap();
+    broker.health().await.expect("healthy while connected");
+
+    proxy.cut();
+    eventually("health to report the outage", || async {
+        broker.health().await.is_err()
+    })
+    .await;
+    let pulled = within("a pull during the outage", broker.next_batch(1)).await;
+    assert!(
+        matches!(pulled, Err(BrokerError::Unavailable(_))),
+        "{pulled:?}"
+    );
+
+    // The server comes back; a worker that keeps calling (backing off on
+    // errors) gets the work published meanwhile.
+    proxy.restore();
+    let msg = message(5);
+    fixture.backends.publisher.publish(&msg).await.unwrap();
+    let batch = within("a delivery after the outage", async {
+        loop {
+            match broker.next_batch(1).await {
+                Ok(batch) if !batch.is_empty() => return batch,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(crate::harness::id_of(&batch[0]), msg.id);
+    broker.health().await.expect("healthy again");
+    crate::harness::ack_all(&batch).await;
+    fixture.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_redis_outage_is_unavailable_then_recovers() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let redis_url = services::redis_url();
+    let proxy = Proxy::start(&host_port(&redis_url)).await;
+    let store = RedisStore::connect(&through(&proxy, &redis_url), &settings.redis)
+        .await
+        .unwrap();
+    let r = record();
+    store.create(&r).await.unwrap();
+
+    proxy.cut();
+    let during = store.get(r.id).await;
+    assert!(
+        matches!(during, Err(StoreError::Unavailable(_))),
+        "{during:?}"
+    );
+    assert!(matches!(
+        store.health().await,
+        Err(StoreError::Unavailable(_))
+    ));
+
+    proxy.restore();
+    eventually("the store to reconnect", || async {
+        matches!(store.get(r.id).await, Ok(Some(_)))
+    })
+    .await;
+}

@@ -1,0 +1,432 @@
+//! Result-store cases: the state machine's transitions, idempotency,
+//! listing and worker heartbeats.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use claudecluster_engine::backend::Backends;
+use claudecluster_engine::results::{
+    AttemptEnd, CancelOutcome, CreateOutcome, EndOutcome, StartOutcome, WorkerInfo,
+};
+use claudecluster_engine::task::{TaskError, TaskRecord, TaskResult, TaskState};
+
+use crate::harness::{message, message_at, record};
+
+fn with_key(mut r: TaskRecord, key: &str) -> TaskRecord {
+    r.idempotency_key = Some(key.to_owned());
+    r
+}
+
+fn result(output: &str) -> TaskResult {
+    TaskResult {
+        output: output.into(),
+        executor: "echo".into(),
+        duration_ms: 3,
+        ..TaskResult::default()
+    }
+}
+
+fn end(state: TaskState, result: Option<TaskResult>, error: Option<TaskError>) -> AttemptEnd {
+    AttemptEnd {
+        state,
+        result,
+        error,
+        at: Utc::now(),
+    }
+}
+
+pub async fn create_and_get(b: &Backends) {
+    let mut r = record();
+    r.metadata = serde_json::json!({"team": "a", "n": 1})
+        .as_object()
+        .cloned()
+        .unwrap();
+    r.timeout_ms = Some(60_000);
+    assert_eq!(b.store.create(&r).await.unwrap(), CreateOutcome::Created);
+    assert_eq!(b.store.get(r.id).await.unwrap(), Some(r.clone()));
+    assert_eq!(b.store.get(uuid::Uuid::now_v7()).await.unwrap(), None);
+}
+
+pub async fn idempotency_key_returns_the_first_task(b: &Backends) {
+    let key = format!("key-{}", uuid::Uuid::new_v4());
+    let first = with_key(record(), &key);
+    assert_eq!(
+        b.store.create(&first).await.unwrap(),
+        CreateOutcome::Created
+    );
+    let second = with_key(record(), &key);
+    match b.store.create(&second).await.unwrap() {
+        CreateOutcome::Existing(existing) => assert_eq!(*existing, first),
+        other => panic!("expected the first task, got {other:?}"),
+    }
+    assert_eq!(
+        b.store.get(second.id).await.unwrap(),
+        None,
+        "nothing stored"
+    );
+}
+
+pub async fn create_many_mixes_new_and_existing(b: &Backends) {
+    let key = format!("key-{}", uuid::Uuid::new_v4());
+    let holder = with_key(record(), &key);
+    b.store.create(&holder).await.unwrap();
+    let batch = vec![record(), with_key(record(), &key), record()];
+    let outcomes = b.store.create_many(&batch).await;
+    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes[0].as_ref().unwrap(), &CreateOutcome::Created);
+    assert!(
+        matches!(outcomes[1].as_ref().unwrap(), CreateOutcome::Existing(r) if r.id == holder.id)
+    );
+    assert_eq!(outcomes[2].as_ref().unwrap(), &CreateOutcome::Created);
+    assert!(b.store.get(batch[0].id).await.unwrap().is_some());
+    assert!(b.store.get(batch[1].id).await.unwrap().is_none());
+    assert!(b.store.get(batch[2].id).await.unwrap().is_some());
+    assert!(b.store.create_many(&[]).await.is_empty());
+}
+
+pub async fn attempts_move_through_retry_to_success(b: &Backends) {
+    let r = record();
+    let msg = r.to_message();
+    b.store.create(&r).await.unwrap();
+
+    let started = Utc::now();
+    let outcome = b.store.start_attempt(&msg, "w1", started).await.unwrap();
+    assert_eq!(outcome, StartOutcome::Started { attempt: 1 });
+    let running = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(running.state, TaskState::Running);
+    assert_eq!(running.attempts, 1);
+    assert_eq!(running.worker_id.as_deref(), Some("w1"));
+    assert_eq!(running.started_at, Some(started));
+    assert_eq!(running.attempt_history.len(), 1);
+    assert_eq!(running.attempt_history[0].worker_id, "w1");
+    assert_eq!(running.attempt_history[0].finished_at, None);
+
+    let failure = TaskError::new("nonzero_exit", "exit 1 \"quoted\" / é");
+    let retry = end(TaskState::Queued, None, Some(failure.clone()));
+    assert_eq!(
+        b.store.end_attempt(r.id, 1, &retry).await.unwrap(),
+        EndOutcome::Written
+    );
+    let queued = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(queued.state, TaskState::Queued);
+    assert_eq!(queued.error.as_ref(), Some(&failure));
+    assert_eq!(queued.finished_at, None, "a retry is not a finish");
+    assert_eq!(queued.queued_at, Some(retry.at));
+    assert_eq!(queued.attempt_history[0].outcome, Some(TaskState::Queued));
+    assert_eq!(queued.attempt_history[0].error.as_ref(), Some(&failure));
+    assert_eq!(queued.attempt_history[0].finished_at, Some(retry.at));
+
+    let outcome = b.store.start_attempt(&msg, "w2", Utc::now()).await.unwrap();
+    assert_eq!(outcome, StartOutcome::Started { attempt: 2 });
+    let done = end(TaskState::Succeeded, Some(result("hello")), None);
+    assert_eq!(
+        b.store.end_attempt(r.id, 2, &done).await.unwrap(),
+        EndOutcome::Written
+    );
+    let finished = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(finished.state, TaskState::Succeeded);
+    assert_eq!(finished.result, Some(result("hello")));
+    assert_eq!(finished.error, None);
+    assert_eq!(finished.finished_at, Some(done.at));
+    assert_eq!(finished.attempts, 2);
+    assert_eq!(finished.worker_id.as_deref(), Some("w2"));
+    let numbers: Vec<u32> = finished.attempt_history.iter().map(|a| a.number).collect();
+    assert_eq!(numbers, [1, 2]);
+    assert_eq!(
+        finished.attempt_history[1].outcome,
+        Some(TaskState::Succeeded)
+    );
+    assert!(finished.updated_at >= finished.created_at);
+}
+
+pub async fn end_after_final_counts_a_duplicate(b: &Backends) {
+    let r = record();
+    let msg = r.to_message();
+    b.store.create(&r).await.unwrap();
+    b.store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();
+    let done = end(TaskState::Succeeded, Some(result("first")), None);
+    b.store.end_attempt(r.id, 1, &done).await.unwrap();
+
+    assert_eq!(
+        b.store.start_attempt(&msg, "w2", Utc::now()).await.unwrap(),
+        StartOutcome::AlreadyFinal(TaskState::Succeeded)
+    );
+    let late = end(
+        TaskState::Failed,
+        Some(result("second")),
+        Some(TaskError::new("x", "y")),
+    );
+    assert_eq!(
+        b.store.end_attempt(r.id, 2, &late).await.unwrap(),
+        EndOutcome::AlreadyFinal(TaskState::Succeeded)
+    );
+    let kept = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(kept.state, TaskState::Succeeded);
+    assert_eq!(kept.result, Some(result("first")));
+    assert_eq!(kept.error, None);
+    assert_eq!(kept.duplicate_executions, 1);
+    assert_eq!(kept.attempts, 1);
+}
+
+pub async fn start_attempt_creates_a_missing_record(b: &Backends) {
+    let msg = message(7);
+    let outcome = b.store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();
+    assert_eq!(outcome, StartOutcome::Started { attempt: 1 });
+    let r = b
+        .store
+        .get(msg.id)
+        .await
+        .unwrap()
+        .expect("created from the message");
+    assert_eq!(r.state, TaskState::Running);
+    assert_eq!(r.prompt, msg.prompt);
+    assert_eq!(r.priority, 7);
+    assert_eq!(r.created_at, msg.created_at);
+    assert_eq!(r.to_message(), msg);
+    let page = b
+        .store
+        .list(Some(TaskState::Running), None, 10)
+        .await
+        .unwrap();
+    assert!(page.tasks.iter().any(|t| t.id == msg.id), "listed");
+}
+
+pub async fn cancel_only_moves_unfinished_tasks(b: &Backends) {
+    let r = record();
+    b.store.create(&r).await.unwrap();
+    let at = Utc::now();
+    match b.store.cancel(r.id, at).await.unwrap() {
+        CancelOutcome::Cancelled(c) => {
+            assert_eq!(c.state, TaskState::Cancelled);
+            assert_eq!(c.finished_at, Some(at));
+        }
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    assert!(matches!(
+        b.store.cancel(r.id, Utc::now()).await.unwrap(),
+        CancelOutcome::AlreadyFinal(c) if c.state == TaskState::Cancelled
+    ));
+    assert_eq!(
+        b.store
+            .start_attempt(&r.to_message(), "w1", Utc::now())
+            .await
+            .unwrap(),
+        StartOutcome::AlreadyFinal(TaskState::Cancelled)
+    );
+    assert_eq!(
+        b.store
+            .cancel(uuid::Uuid::now_v7(), Utc::now())
+            .await
+            .unwrap(),
+        CancelOutcome::NotFound
+    );
+
+    // A running task can be cancelled too; its attempt then ends as a
+    // duplicate and leaves the record cancelled.
+    let running = record();
+    b.store.create(&running).await.unwrap();
+    b.store
+        .start_attempt(&running.to_message(), "w1", Utc::now())
+        .await
+        .unwrap();
+    assert!(matches!(
+        b.store.cancel(running.id, Utc::now()).await.unwrap(),
+        CancelOutcome::Cancelled(_)
+    ));
+    let done = end(TaskState::Succeeded, Some(result("late")), None);
+    assert_eq!(
+        b.store.end_attempt(running.id, 1, &done).await.unwrap(),
+        EndOutcome::AlreadyFinal(TaskState::Cancelled)
+    );
+}
+
+pub async fn remove_releases_the_idempotency_key(b: &Backends) {
+    let key = format!("key-{}", uuid::Uuid::new_v4());
+    let r = with_key(record(), &key);
+    b.store.create(&r).await.unwrap();
+    b.store.remove(r.id, Some(&key)).await.unwrap();
+    assert_eq!(b.store.get(r.id).await.unwrap(), None);
+    let page = b.store.list(None, None, 100).await.unwrap();
+    assert!(page.tasks.iter().all(|t| t.id != r.id));
+
+    let again = with_key(record(), &key);
+    assert_eq!(
+        b.store.create(&again).await.unwrap(),
+        CreateOutcome::Created
+    );
+    // Removing a task that no longer owns the key leaves the key alone.
+    b.store.remove(r.id, Some(&key)).await.unwrap();
+    let third = with_key(record(), &key);
+    assert!(matches!(
+        b.store.create(&third).await.unwrap(),
+        CreateOutcome::Existing(e) if e.id == again.id
+    ));
+}
+
+pub async fn list_pages_newest_first_with_state_filter(b: &Backends) {
+    let base = Utc::now() - TimeDelta::seconds(10);
+    let records: Vec<TaskRecord> = (0..5)
+        .map(|i| {
+            let msg = message_at(5, base + TimeDelta::milliseconds(i * 10));
+            TaskRecord::queued(&msg, Utc::now())
+        })
+        .collect();
+    for r in &records {
+        b.store.create(r).await.unwrap();
+    }
+    let newest_first: Vec<_> = records.iter().rev().map(|r| r.id).collect();
+
+    let p1 = b.store.list(None, None, 2).await.unwrap();
+    let p2 = b
+        .store
+        .list(None, p1.next_cursor.as_deref(), 2)
+        .await
+        .unwrap();
+    let p3 = b
+        .store
+        .list(None, p2.next_cursor.as_deref(), 2)
+        .await
+        .unwrap();
+    assert!(p1.next_cursor.is_some() && p2.next_cursor.is_some());
+    assert_eq!(p3.next_cursor, None);
+    let seen: Vec<_> = [p1.tasks, p2.tasks, p3.tasks]
+        .into_iter()
+        .flatten()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(seen, newest_first);
+
+    for r in &records[..2] {
+        b.store
+            .start_attempt(&r.to_message(), "w1", Utc::now())
+            .await
+            .unwrap();
+    }
+    let running = b
+        .store
+        .list(Some(TaskState::Running), None, 10)
+        .await
+        .unwrap();
+    let ids: Vec<_> = running.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(ids, [records[1].id, records[0].id]);
+    assert!(running.tasks.iter().all(|t| t.state == TaskState::Running));
+    let queued = b
+        .store
+        .list(Some(TaskState::Queued), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(queued.tasks.len(), 3);
+    assert!(
+        b.store
+            .list(Some(TaskState::Failed), None, 10)
+            .await
+            .unwrap()
+            .tasks
+            .is_empty()
+    );
+
+    assert!(b.store.list(None, Some("not a cursor"), 10).await.is_err());
+}
+
+pub async fn list_pages_through_identical_timestamps(b: &Backends) {
+    let at = Utc::now();
+    let records: Vec<TaskRecord> = (0..4)
+        .map(|_| TaskRecord::queued(&message_at(5, at), at))
+        .collect();
+    let outcomes = b.store.create_many(&records).await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let page = b.store.list(None, cursor.as_deref(), 1).await.unwrap();
+        for t in &page.tasks {
+            assert!(seen.insert(t.id), "{} listed twice", t.id);
+        }
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(cursor, None);
+    assert_eq!(seen, records.iter().map(|r| r.id).collect());
+}
+
+pub async fn reopen_clears_the_outcome_and_keeps_history(b: &Backends) {
+    let r = record();
+    let msg = r.to_message();
+    b.store.create(&r).await.unwrap();
+    b.store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();
+    let dead = end(
+        TaskState::DeadLettered,
+        Some(result("partial")),
+        Some(TaskError::new("nonzero_exit", "exit 1")),
+    );
+    b.store.end_attempt(r.id, 1, &dead).await.unwrap();
+
+    let at = Utc::now();
+    let reopened = b.store.reopen(&msg, at).await.unwrap();
+    assert_eq!(reopened.state, TaskState::Queued);
+    assert_eq!(reopened.result, None);
+    assert_eq!(reopened.error, None);
+    assert_eq!(reopened.finished_at, None);
+    assert_eq!(reopened.queued_at, Some(at));
+    assert_eq!(reopened.attempts, 1);
+    assert_eq!(reopened.attempt_history.len(), 1);
+    assert_eq!(b.store.get(r.id).await.unwrap(), Some(reopened));
+    assert_eq!(
+        b.store.start_attempt(&msg, "w2", Utc::now()).await.unwrap(),
+        StartOutcome::Started { attempt: 2 }
+    );
+
+    // An expired (here: never stored) record comes back from the message.
+    let lost = message(3);
+    let recreated = b.store.reopen(&lost, Utc::now()).await.unwrap();
+    assert_eq!(recreated.state, TaskState::Queued);
+    assert_eq!(recreated.to_message(), lost);
+    assert_eq!(recreated.attempts, 0);
+}
+
+fn worker(id: &str, in_flight: usize) -> WorkerInfo {
+    let now = Utc::now();
+    WorkerInfo {
+        id: id.into(),
+        host: "test-host".into(),
+        version: "0.0.0".into(),
+        concurrency: 4,
+        in_flight,
+        executor: "echo".into(),
+        started_at: now,
+        last_seen: now,
+    }
+}
+
+pub async fn workers_expire_and_can_be_removed(b: &Backends) {
+    let alive = worker("w-alive", 1);
+    b.store
+        .heartbeat(&alive, Duration::from_secs(60))
+        .await
+        .unwrap();
+    // A heartbeat with no time to live has expired by the next read.
+    b.store
+        .heartbeat(&worker("w-gone", 0), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(b.store.workers().await.unwrap(), [alive]);
+
+    let busier = worker("w-alive", 3);
+    b.store
+        .heartbeat(&busier, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(b.store.workers().await.unwrap(), [busier]);
+    b.store.remove_worker("w-alive").await.unwrap();
+    assert!(b.store.workers().await.unwrap().is_empty());
+    b.store.remove_worker("never-seen").await.unwrap();
+}
+
+pub async fn health_answers(b: &Backends) {
+    b.store.health().await.expect("store health");
+    b.publisher.health().await.expect("broker health");
+    assert_eq!(b.publisher.queue_depth().await.unwrap(), 0);
+}
