@@ -1,1 +1,5 @@
-fn main() {}
+//! The `claudecluster` command; see the library for the subcommands.
+
+fn main() -> std::process::ExitCode {
+    claudecluster::main()
+}
