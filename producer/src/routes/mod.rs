@@ -6,12 +6,14 @@
 //! | `GET /tasks`, `GET /tasks/{id}`, `POST /tasks/{id}/cancel` | read, cancel |
 //! | `GET /dead-letters`, `POST /dead-letters/{seq}/replay`, `DELETE /dead-letters/{seq}` | operate |
 //! | `GET /workers`, `GET /health`, `GET /ready`, `GET /metrics` | observe |
+//! | `GET /openapi.json` | describe |
 //!
 //! Handlers are thin: they parse the request, call the
 //! [`TaskService`](crate::service::TaskService) and shape the response.
 
 mod dead_letters;
 mod guard;
+mod openapi;
 mod ops;
 mod tasks;
 #[cfg(test)]
@@ -23,6 +25,7 @@ use axum::routing::{get, post};
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub use openapi::document as openapi_document;
 pub use tasks::IDEMPOTENT_REPLAYED;
 
 /// Route templates, also the `route` label of the HTTP metrics.
@@ -49,9 +52,11 @@ pub mod paths {
     pub const READY: &str = "/ready";
     /// Prometheus metrics.
     pub const METRICS: &str = "/metrics";
+    /// The OpenAPI document.
+    pub const OPENAPI: &str = "/openapi.json";
 
     /// Every template, for the metrics' route label.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         TASKS,
         TASKS_BATCH,
         TASK,
@@ -63,6 +68,7 @@ pub mod paths {
         HEALTH,
         READY,
         METRICS,
+        OPENAPI,
     ];
 }
 
@@ -84,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::HEALTH, get(ops::health))
         .route(paths::READY, get(ops::ready))
         .route(paths::METRICS, get(ops::metrics))
+        .route(paths::OPENAPI, get(openapi::openapi))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

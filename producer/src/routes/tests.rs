@@ -574,3 +574,46 @@ async fn metrics_are_exposed() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn openapi_describes_every_route_with_resolvable_refs() {
+    let (status, doc) = send(app(), get("/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in super::paths::ALL {
+        assert!(doc["paths"].get(path).is_some(), "{path} is not described");
+    }
+    assert_eq!(
+        doc["paths"].as_object().unwrap().len(),
+        super::paths::ALL.len()
+    );
+    // Every reference points at something that exists.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref") {
+                    out.push(r);
+                }
+                map.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(&doc["paths"], &mut found);
+    refs(&doc["components"], &mut found);
+    assert!(found.len() > 20);
+    for r in found {
+        let Some(pointer) = r.strip_prefix('#') else {
+            panic!("external reference {r}");
+        };
+        assert!(doc.pointer(pointer).is_some(), "unresolved reference {r}");
+    }
+    for name in ["NewTask", "TaskMessage", "TaskRecord", "Error"] {
+        assert_eq!(
+            doc["components"]["schemas"][name]["schema_version"], 1,
+            "{name}"
+        );
+    }
+}
