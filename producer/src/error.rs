@@ -322,6 +322,10 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Broker(e) => broker_unavailable(&e),
             ServiceError::Store(e) => store_error(&e),
+            ServiceError::Interrupted(reason) => {
+                tracing::error!(reason, "operation interrupted");
+                ApiError::Internal
+            }
             ServiceError::Timeout { dependency } => {
                 tracing::warn!(dependency, "dependency timed out");
                 ApiError::Unavailable(format!("the {dependency} did not answer in time; retry"))

@@ -121,6 +121,17 @@ impl TaskService {
             });
         }
 
+        let this = self.clone();
+        super::detached(async move { this.reenqueue(seq, msg, now).await }).await
+    }
+
+    /// Reopens, publishes, and deletes the dead letter.
+    async fn reenqueue(
+        &self,
+        seq: u64,
+        msg: TaskMessage,
+        now: DateTime<Utc>,
+    ) -> Result<Replayed, ServiceError> {
         let task = self.backends.store.reopen(&msg, now).await?;
         self.publish(&msg).await.map_err(ServiceError::Publish)?;
         let dead_letter_removed = match self.backends.dead_letters.delete(seq).await {

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use claudecluster_engine::backend::Backends;
 use claudecluster_engine::broker::BrokerError;
 use claudecluster_engine::config::Settings;
@@ -25,6 +25,7 @@ use claudecluster_engine::results::{
 use claudecluster_engine::task::{NewTask, TaskMessage, ValidationError};
 use claudecluster_engine::{TaskId, TaskRecord, TaskState};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::metrics;
 
@@ -99,6 +100,10 @@ pub enum ServiceError {
         /// `task queue` or `result store`.
         dependency: &'static str,
     },
+    /// The operation's task panicked or was aborted (a bug, or the runtime
+    /// shutting down).
+    #[error("the operation was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// An accepted task.
@@ -134,7 +139,7 @@ pub struct Readiness {
 #[derive(Clone)]
 pub struct TaskService {
     settings: Arc<Settings>,
-    backends: Backends,
+    backends: Arc<Backends>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -148,7 +153,10 @@ impl std::fmt::Debug for TaskService {
 impl TaskService {
     /// A service over `backends` with the limits in `settings`.
     pub fn new(settings: Arc<Settings>, backends: Backends) -> Self {
-        Self { settings, backends }
+        Self {
+            settings,
+            backends: Arc::new(backends),
+        }
     }
 
     /// The backends.
@@ -170,6 +178,16 @@ impl TaskService {
             .into_message(&self.settings.tasks, now)
             .inspect_err(|_| metrics::tasks_rejected(1))?;
         tracing::Span::current().record("task_id", tracing::field::display(msg.id));
+        let this = self.clone();
+        detached(async move { this.enqueue(msg, now).await }).await
+    }
+
+    /// Stores, then publishes (or rolls back) one validated task.
+    async fn enqueue(
+        &self,
+        msg: TaskMessage,
+        now: DateTime<Utc>,
+    ) -> Result<Submitted, ServiceError> {
         let record = TaskRecord::queued(&msg, now);
         if let CreateOutcome::Existing(existing) = self.backends.store.create(&record).await? {
             metrics::tasks_duplicate(1);
@@ -224,6 +242,17 @@ impl TaskService {
             })
             .collect::<Result<Vec<_>, _>>()
             .inspect_err(|_| metrics::tasks_rejected(count as u64))?;
+        let this = self.clone();
+        detached(async move { this.enqueue_batch(msgs, now).await }).await
+    }
+
+    /// Stores, then publishes (or rolls back) validated tasks.
+    async fn enqueue_batch(
+        &self,
+        msgs: Vec<TaskMessage>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Submitted>, ServiceError> {
+        let count = msgs.len();
         let records: Vec<TaskRecord> = msgs.iter().map(|m| TaskRecord::queued(m, now)).collect();
 
         let created = self.backends.store.create_many(&records).await;
@@ -407,6 +436,19 @@ impl TaskService {
                  it stays queued until it expires"
             );
         }
+    }
+}
+
+/// Runs the rest of an operation on a task of its own, so it finishes even
+/// when the caller is dropped (a client that disconnects, a request
+/// timeout): stopping between the store write and the publish would leave a
+/// stored task that is on no queue.
+async fn detached<T: Send + 'static>(
+    operation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, ServiceError> {
+    match tokio::spawn(operation.instrument(tracing::Span::current())).await {
+        Ok(result) => result,
+        Err(e) => Err(ServiceError::Interrupted(e.to_string())),
     }
 }
 

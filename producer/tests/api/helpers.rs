@@ -230,7 +230,7 @@ impl RefusingPublisher {
         Self { inner, refuse }
     }
 
-    fn refused() -> BrokerError {
+    pub(crate) fn refused() -> BrokerError {
         BrokerError::NotConfirmed("no acknowledgement within 5000 ms".into())
     }
 }
@@ -241,6 +241,53 @@ impl TaskPublisher for RefusingPublisher {
         if (self.refuse)(msg) {
             return Err(Self::refused());
         }
+        self.inner.publish(msg).await
+    }
+
+    async fn publish_batch(&self, msgs: &[TaskMessage]) -> Vec<Result<(), BrokerError>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            out.push(self.publish(msg).await);
+        }
+        out
+    }
+
+    async fn health(&self) -> Result<(), BrokerError> {
+        self.inner.health().await
+    }
+
+    async fn queue_depth(&self) -> Result<u64, BrokerError> {
+        self.inner.queue_depth().await
+    }
+}
+
+/// A publisher that holds every publish until the test opens the gate (adds
+/// permits): a broker that is slow to confirm.
+pub struct GatedPublisher {
+    inner: Arc<dyn TaskPublisher>,
+    /// One permit lets one publish through.
+    pub gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl GatedPublisher {
+    /// Wraps `inner` with a closed gate.
+    pub fn new(inner: Arc<dyn TaskPublisher>) -> Self {
+        Self {
+            inner,
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+#[async_trait]
+impl TaskPublisher for GatedPublisher {
+    async fn publish(&self, msg: &TaskMessage) -> Result<(), BrokerError> {
+        let permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| RefusingPublisher::refused())?;
+        permit.forget();
         self.inner.publish(msg).await
     }
 

@@ -11,7 +11,9 @@ use claudecluster_engine::{TaskId, TaskRecord};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{RefusingPublisher, json, spawn_app, spawn_app_on, test_settings};
+use crate::helpers::{
+    GatedPublisher, RefusingPublisher, json, spawn_app, spawn_app_on, test_settings,
+};
 use crate::schema::assert_valid;
 
 #[tokio::test]
@@ -170,6 +172,35 @@ async fn a_refused_publish_is_503_and_leaves_no_orphan() {
         .await
         .unwrap();
     assert_eq!(outcome, CreateOutcome::Created);
+}
+
+/// The request times out while the broker has not confirmed yet: the client
+/// gets 408, but the submit still finishes on its own, so the task is both
+/// stored and on the queue (and a retry with the same key finds it) rather
+/// than stored and lost.
+#[tokio::test]
+async fn an_abandoned_request_still_completes_its_submit() {
+    let mut settings = test_settings();
+    settings.server.request_timeout_ms = 200;
+    let mut backends = backend::connect_networked(&settings).await.unwrap();
+    let gated = Arc::new(GatedPublisher::new(backends.publisher.clone()));
+    backends.publisher = gated.clone();
+    let app = spawn_app_on(settings, backends).await;
+
+    let body = json!({"prompt": "slow broker", "idempotency_key": "slow-1"});
+    let response = app.submit(&body).await;
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_valid("error", &json(response).await);
+
+    gated.gate.add_permits(1);
+    let published = app.receive().await;
+    let id: TaskId = published["id"].as_str().unwrap().parse().unwrap();
+    let stored = app.backends.store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.state, TaskState::Queued);
+
+    let retry = app.submit(&body).await;
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(json(retry).await["id"], id.to_string());
 }
 
 /// Part of a batch is refused: 503 with the accepted records and the
