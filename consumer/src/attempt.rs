@@ -1,6 +1,7 @@
 //! One attempt at a valid task: start it in the store, run it while keeping
-//! the broker lease, decide what its outcome means (done, retry, dead
-//! letter, hand back), write that to the store, and only then acknowledge.
+//! the broker lease and watching for a cancel ([`crate::lease`]), decide what
+//! its outcome means (done, retry, dead letter, cancelled, hand back), write
+//! that to the store, and only then acknowledge.
 //!
 //! The order matters for "nothing lost": a record is written before the
 //! message is acknowledged, and a dead letter before the record says
@@ -15,10 +16,10 @@ use chrono::Utc;
 use claudecluster_engine::broker::{AckKind, Acker};
 use claudecluster_engine::results::{AttemptEnd, EndOutcome, StartOutcome};
 use claudecluster_engine::task::{TaskError, TaskMessage, TaskResult, TaskState};
-use futures::future::BoxFuture;
 
 use crate::delivery::ack;
 use crate::executor::{ExecContext, ExecError};
+use crate::lease::{self, CancelWatch, Stop};
 use crate::metric::Status;
 use crate::pool::Runtime;
 use crate::retry::{retry, task_backoff};
@@ -27,6 +28,13 @@ use crate::workdir;
 /// Error code of an attempt handed back because its worker shut down; such
 /// attempts do not count against `max_attempts`.
 pub const HANDED_BACK: &str = "worker_shutdown";
+
+/// Error code of an attempt stopped because a client cancelled the task.
+pub const CANCELLED: &str = "cancelled";
+
+/// How long an executor that was told to stop may take to return before
+/// the runtime stops waiting for it (dropping it kills its processes).
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// What an ended attempt means for the task.
 #[derive(Debug)]
@@ -41,6 +49,9 @@ enum Decision {
     },
     /// Back to the queue for another attempt after `delay`.
     Retry { error: TaskError, delay: Duration },
+    /// A client cancelled the task while it ran; the record already says
+    /// `cancelled`, the attempt is closed as such.
+    Cancelled,
     /// The worker is stopping: back to the queue for another worker now.
     HandBack,
 }
@@ -67,10 +78,17 @@ pub(crate) async fn process(rt: &Runtime, msg: TaskMessage, payload: Bytes, acke
     tracing::Span::current().record("attempt", attempt);
 
     let lease_every = Duration::from_millis((rt.settings.nats.ack_wait_ms / 3).max(1));
-    let kind = with_lease(
-        run_and_record(rt, &msg, &payload, attempt),
+    let stop = Stop::new(&rt.abort);
+    let watch = CancelWatch {
+        read: || rt.store.state(msg.id),
+        every: Duration::from_millis(rt.settings.worker.cancel_check_ms.max(1)),
+        stop: stop.clone(),
+    };
+    let kind = lease::keep(
+        run_and_record(rt, &msg, &payload, attempt, &stop),
         acker.as_ref(),
         lease_every,
+        watch,
     )
     .await;
     ack(acker.as_ref(), kind).await;
@@ -78,7 +96,13 @@ pub(crate) async fn process(rt: &Runtime, msg: TaskMessage, payload: Bytes, acke
 
 /// Runs the attempt (or quarantines it), records the outcome and returns
 /// the acknowledgement to send.
-async fn run_and_record(rt: &Runtime, msg: &TaskMessage, payload: &Bytes, attempt: u32) -> AckKind {
+async fn run_and_record(
+    rt: &Runtime,
+    msg: &TaskMessage,
+    payload: &Bytes,
+    attempt: u32,
+    stop: &Stop,
+) -> AckKind {
     let began = Instant::now();
     let decision = if attempt > msg.max_attempts
         && let Some(crashed) = crashed_attempts(rt, msg, attempt).await
@@ -98,14 +122,20 @@ async fn run_and_record(rt: &Runtime, msg: &TaskMessage, payload: &Bytes, attemp
             dead_letter: Some(("attempts_exhausted".into(), reason)),
         }
     } else {
-        let outcome = run(rt, msg, attempt).await;
-        decide(rt, msg, attempt, outcome).await
+        let outcome = run(rt, msg, attempt, stop).await;
+        decide(rt, msg, attempt, outcome, stop).await
     };
     record(rt, msg, payload, attempt, decision, began.elapsed()).await
 }
 
-/// Runs the executor in a fresh work directory under the task's timeout.
-async fn run(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Result<TaskResult, ExecError> {
+/// Runs the executor in a fresh work directory under the task's timeout,
+/// until it finishes or `stop` stops it.
+async fn run(
+    rt: &Runtime,
+    msg: &TaskMessage,
+    attempt: u32,
+    stop: &Stop,
+) -> Result<TaskResult, ExecError> {
     let worker = &rt.settings.worker;
     let work_dir = workdir::attempt_dir(&rt.work_root, msg.id, attempt);
     let needs_dir = rt.executor.needs_work_dir();
@@ -122,21 +152,25 @@ async fn run(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Result<TaskResult
     let ctx = ExecContext {
         work_dir,
         timeout: Duration::from_millis(msg.effective_timeout_ms(worker.task_timeout_ms)),
-        cancel: rt.abort.child_token(),
+        cancel: stop.exec_token(),
         limits: worker.limits.clone(),
         max_output_bytes: worker.max_output_bytes,
     };
     let started = Instant::now();
-    // The executor's own timeout handling kills its processes; this outer
-    // one also bounds executors that do not watch the clock.
-    let mut outcome = match tokio::time::timeout(
+    // The executor's own timeout and cancel handling kill its processes;
+    // these outer bounds also stop executors that watch neither the clock
+    // nor the token (dropping one kills the processes it started).
+    let bounded = tokio::time::timeout(
         ctx.timeout + Duration::from_secs(1),
         rt.executor.run(msg, &ctx),
-    )
-    .await
-    {
-        Ok(outcome) => outcome,
-        Err(_) => Err(ExecError::TimedOut(ctx.timeout)),
+    );
+    let stopped = async {
+        ctx.cancel.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    let mut outcome = tokio::select! {
+        outcome = bounded => outcome.unwrap_or(Err(ExecError::TimedOut(ctx.timeout))),
+        () = stopped => Err(ExecError::Cancelled),
     };
     if needs_dir && !worker.keep_work_dirs {
         workdir::remove(&ctx.work_dir).await;
@@ -172,6 +206,7 @@ async fn decide(
     msg: &TaskMessage,
     attempt: u32,
     outcome: Result<TaskResult, ExecError>,
+    stop: &Stop,
 ) -> Decision {
     let worker = &rt.settings.worker;
     let final_ = |state, result, error| Decision::Final {
@@ -220,6 +255,9 @@ async fn decide(
                 final_(TaskState::TimedOut, None, Some(error))
             }
         }
+        // A client's cancel wins over a shutdown that happened alongside: the
+        // task is final either way.
+        Err(ExecError::Cancelled) if stop.by_client() => Decision::Cancelled,
         Err(ExecError::Cancelled) => Decision::HandBack,
     }
 }
@@ -285,6 +323,29 @@ async fn record(
             };
             (end, Status::Retried, AckKind::Nak(Some(delay)))
         }
+        Decision::Cancelled => {
+            let end = AttemptEnd {
+                state: TaskState::Cancelled,
+                result: None,
+                error: Some(TaskError::new(
+                    CANCELLED,
+                    "the task was cancelled while this attempt ran; its processes were stopped",
+                )),
+                at: Utc::now(),
+            };
+            // The record said `cancelled` before the processes were stopped,
+            // so the store answers "already final" and closes the attempt
+            // without counting a duplicate execution. Either answer means
+            // the message is done with.
+            return match write_end(rt, msg, attempt, &end).await {
+                Some(_) => {
+                    tracing::info!("attempt stopped by a cancel");
+                    rt.meters.outcome(Status::Final(TaskState::Cancelled), took);
+                    AckKind::Ack
+                }
+                None => AckKind::Nak(Some(rt.service_retry_delay())),
+            };
+        }
         Decision::HandBack => {
             tracing::info!("worker stopping; handing the task back");
             let end = AttemptEnd {
@@ -298,7 +359,9 @@ async fn record(
             };
             // Not an outcome of the task: no tasks_total count.
             return match write_end(rt, msg, attempt, &end).await {
-                Some(_) => AckKind::Nak(None),
+                Some(EndOutcome::Written) => AckKind::Nak(None),
+                // Cancelled meanwhile: nothing left to hand back.
+                Some(EndOutcome::AlreadyFinal(_)) => AckKind::Ack,
                 None => AckKind::Nak(Some(rt.service_retry_delay())),
             };
         }
@@ -377,91 +440,4 @@ async fn crashed_attempts(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Opti
 
 fn is_handed_back(a: &claudecluster_engine::task::Attempt) -> bool {
     a.error.as_ref().is_some_and(|e| e.code == HANDED_BACK)
-}
-
-/// Runs `fut`, telling the broker every `every` that the message is still
-/// being worked on, so a long task is not redelivered. The progress
-/// acknowledgement runs alongside the work, never blocking it.
-async fn with_lease<F: Future>(fut: F, acker: &dyn Acker, every: Duration) -> F::Output {
-    let mut fut = std::pin::pin!(fut);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut progress: Option<BoxFuture<'_, Result<(), claudecluster_engine::broker::BrokerError>>> =
-        None;
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut fut => return out,
-            res = async {
-                match progress.as_mut() {
-                    Some(p) => p.await,
-                    None => std::future::pending().await,
-                }
-            }, if progress.is_some() => {
-                progress = None;
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "could not extend the lease");
-                }
-            }
-            _ = ticker.tick(), if progress.is_none() => {
-                progress = Some(acker.ack(AckKind::Progress));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
-    use claudecluster_engine::broker::BrokerError;
-
-    use super::*;
-
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<(tokio::time::Instant, AckKind)>>);
-
-    #[async_trait]
-    impl Acker for Recorder {
-        async fn ack(&self, kind: AckKind) -> Result<(), BrokerError> {
-            self.0
-                .lock()
-                .unwrap()
-                .push((tokio::time::Instant::now(), kind));
-            Ok(())
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn lease_is_extended_every_third_of_ack_wait() {
-        let acker = Recorder::default();
-        let start = tokio::time::Instant::now();
-        let out = with_lease(
-            async {
-                tokio::time::sleep(Duration::from_millis(3500)).await;
-                7
-            },
-            &acker,
-            Duration::from_secs(1),
-        )
-        .await;
-        assert_eq!(out, 7);
-        let acks = acker.0.lock().unwrap();
-        let at: Vec<u64> = acks
-            .iter()
-            .map(|(t, k)| {
-                assert_eq!(*k, AckKind::Progress);
-                (*t - start).as_millis() as u64
-            })
-            .collect();
-        assert_eq!(at, [1000, 2000, 3000]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_quick_task_sends_no_progress() {
-        let acker = Recorder::default();
-        with_lease(async {}, &acker, Duration::from_secs(1)).await;
-        assert!(acker.0.lock().unwrap().is_empty());
-    }
 }

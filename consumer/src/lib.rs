@@ -3,7 +3,8 @@
 //! runs, and record the outcome in the result store before acknowledging.
 //!
 //! - [`WorkerPool`] ([`pool`]): the pull loop, concurrency, heartbeats and
-//!   graceful shutdown; `delivery` and `attempt` handle one message each.
+//!   graceful shutdown; `delivery` and `attempt` handle one message each,
+//!   and `lease` keeps a running task's lease and watches it for a cancel.
 //! - [`executor`]: `echo`, `command` and `claude`, over [`process`], which
 //!   runs programs in their own process group under resource limits
 //!   (applied through the [`launcher`]).
@@ -15,6 +16,7 @@ mod attempt;
 mod delivery;
 pub mod executor;
 pub mod launcher;
+mod lease;
 mod metric;
 pub mod pool;
 pub mod process;

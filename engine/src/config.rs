@@ -261,6 +261,11 @@ pub struct WorkerSettings {
     /// Heartbeat period; a worker silent for three periods drops off the
     /// list.
     pub heartbeat_interval_ms: u64,
+    /// How often a running task's record is read to notice that a client
+    /// cancelled it; the task's processes are stopped within about this
+    /// long of the cancel. One small store read per running task per
+    /// period.
+    pub cancel_check_ms: u64,
     /// First retry delay; doubles each attempt, with jitter.
     pub retry_base_delay_ms: u64,
     /// Longest retry delay.
@@ -288,6 +293,7 @@ impl Default for WorkerSettings {
             port: 3001,
             shutdown_grace_ms: 30_000,
             heartbeat_interval_ms: 10_000,
+            cancel_check_ms: 500,
             retry_base_delay_ms: 1_000,
             retry_max_delay_ms: 60_000,
             retry_timeouts: false,

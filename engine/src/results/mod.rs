@@ -153,6 +153,17 @@ pub trait ResultStore: Send + Sync + 'static {
     /// When the store is unreachable or the record unreadable.
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
+    /// Reads only a task's state: the small read a worker repeats while a
+    /// task runs, to notice a cancellation. `None` when there is no record.
+    /// The default reads the whole record; backends where that is costly
+    /// override it.
+    ///
+    /// # Errors
+    /// When the store is unreachable or the record unreadable.
+    async fn state(&self, id: TaskId) -> Result<Option<TaskState>, StoreError> {
+        Ok(self.get(id).await?.map(|record| record.state))
+    }
+
     /// Marks the task `running` on `worker_id` and records a new attempt.
     /// Creates the record from the message when there is none (a message
     /// published straight onto the queue by another system).
@@ -167,7 +178,10 @@ pub trait ResultStore: Send + Sync + 'static {
     ) -> Result<StartOutcome, StoreError>;
 
     /// Records how attempt `attempt` ended, unless the record is already
-    /// final.
+    /// final. One exception to "already final": a task cancelled while this
+    /// attempt ran has the attempt closed as `cancelled` (its finish time and
+    /// error recorded), which is the end of that execution and not a
+    /// duplicate; the answer is still [`EndOutcome::AlreadyFinal`].
     ///
     /// # Errors
     /// When the store is unreachable.

@@ -305,6 +305,25 @@ impl ResultStore for RedisStore {
         record::decode(&id.to_string(), fields).map(Some)
     }
 
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
+    async fn state(&self, id: TaskId) -> Result<Option<TaskState>, StoreError> {
+        let mut conn = self.conn().await?;
+        let state: Option<String> = ::redis::cmd("HGET")
+            .arg(self.keys.task(id))
+            .arg("state")
+            .query_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)?;
+        state
+            .map(|s| {
+                TaskState::parse(&s).ok_or_else(|| StoreError::Corrupt {
+                    id: id.to_string(),
+                    reason: format!("unknown state {s:?}"),
+                })
+            })
+            .transpose()
+    }
+
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn start_attempt(
         &self,

@@ -222,22 +222,59 @@ pub async fn cancel_only_moves_unfinished_tasks(b: &Backends) {
         CancelOutcome::NotFound
     );
 
-    // A running task can be cancelled too; its attempt then ends as a
-    // duplicate and leaves the record cancelled.
+    // A running task can be cancelled too. The worker sees the state, stops
+    // the attempt and ends it: the attempt is closed as cancelled, the
+    // record stays cancelled, and that is not a duplicate execution.
     let running = record();
     b.store.create(&running).await.unwrap();
     b.store
         .start_attempt(&running.to_message(), "w1", Utc::now())
         .await
         .unwrap();
+    assert_eq!(
+        b.store.state(running.id).await.unwrap(),
+        Some(TaskState::Running)
+    );
     assert!(matches!(
         b.store.cancel(running.id, Utc::now()).await.unwrap(),
         CancelOutcome::Cancelled(_)
     ));
+    assert_eq!(
+        b.store.state(running.id).await.unwrap(),
+        Some(TaskState::Cancelled)
+    );
+    let stopped = end(
+        TaskState::Cancelled,
+        None,
+        Some(TaskError::new("cancelled", "stopped")),
+    );
+    assert_eq!(
+        b.store.end_attempt(running.id, 1, &stopped).await.unwrap(),
+        EndOutcome::AlreadyFinal(TaskState::Cancelled)
+    );
+    let got = b.store.get(running.id).await.unwrap().unwrap();
+    assert_eq!(got.state, TaskState::Cancelled);
+    assert_eq!(got.duplicate_executions, 0);
+    assert_eq!(got.attempt_history.len(), 1);
+    assert_eq!(got.attempt_history[0].outcome, Some(TaskState::Cancelled));
+    assert!(got.attempt_history[0].finished_at.is_some());
+    assert_eq!(
+        got.attempt_history[0].error.as_ref().unwrap().code,
+        "cancelled"
+    );
+    // Ending the same attempt again is a second execution finishing.
     let done = end(TaskState::Succeeded, Some(result("late")), None);
     assert_eq!(
         b.store.end_attempt(running.id, 1, &done).await.unwrap(),
         EndOutcome::AlreadyFinal(TaskState::Cancelled)
+    );
+    let got = b.store.get(running.id).await.unwrap().unwrap();
+    assert_eq!(got.duplicate_executions, 1);
+    assert_eq!(got.result, None);
+    assert_eq!(
+        b.store.state(uuid::Uuid::now_v7()).await.unwrap(),
+        None,
+        "no record, no state"
     );
 }
 

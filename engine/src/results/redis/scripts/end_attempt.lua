@@ -10,6 +10,10 @@
 --
 -- Returns {1} when written, {0, state} when the task was already final (the
 -- execution is counted as a duplicate), {-1} when there is no record.
+--
+-- A task cancelled while this attempt ran is final too, but its still open
+-- attempt is this very execution being stopped, not a second one: the
+-- attempt is closed as cancelled and no duplicate is counted.
 local prefix, id, ttl, cutoff = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n, new, at, result, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local h = KEYS[1]
@@ -18,6 +22,25 @@ local cur = redis.call('HMGET', h, 'state', 'created_ms', 'worker_id', 'started_
 local state, score = cur[1], cur[2] or '0'
 if not state then
   return {-1}
+end
+if state == 'cancelled' then
+  local field = 'attempt:' .. n
+  local raw = redis.call('HGET', h, field)
+  if raw then
+    local attempt = cjson.decode(raw)
+    if not attempt.finished_at then
+      attempt.finished_at = at
+      attempt.outcome = 'cancelled'
+      if err ~= '' then
+        attempt.error = cjson.decode(err)
+      else
+        attempt.error = nil
+      end
+      redis.call('HSET', h, field, cjson.encode(attempt), 'updated_at', at)
+      redis.call('EXPIRE', h, ttl)
+      return {0, state}
+    end
+  end
 end
 if FINAL[state] then
   redis.call('HINCRBY', h, 'duplicates', 1)
