@@ -9,9 +9,11 @@
 //! - [`extract`]: the JSON body and parameter parsing behind it.
 //! - [`state`], [`startup`]: [`AppState`] and [`Application`].
 //! - [`metrics`]: the intake's Prometheus metrics.
+//! - [`mcp`]: the MCP server at `/mcp` (Streamable HTTP, stateless).
 
 pub mod error;
 pub mod extract;
+pub mod mcp;
 pub mod metrics;
 pub mod routes;
 pub mod service;

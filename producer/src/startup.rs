@@ -18,11 +18,13 @@ pub struct Application {
     port: u16,
     router: Router,
     state: AppState,
+    /// Ends the MCP calls that block (`wait_for_task`) when the intake stops.
+    stopping: CancellationToken,
 }
 
 impl Application {
     /// Binds `server.host:server.port` (port 0 picks a free one) and builds
-    /// the API over `backends`.
+    /// the API and the MCP endpoint (`/mcp`) over `backends`.
     ///
     /// # Errors
     /// When the address cannot be bound.
@@ -31,10 +33,9 @@ impl Application {
     }
 
     /// [`Self::build`] plus extra routes, built from the shared state and
-    /// merged next to the API (for example the MCP service nested at
-    /// `/mcp`). The extra routes are not under the API's request timeout and
-    /// load shedding, since long-lived streams live there; they must not
-    /// define a fallback.
+    /// merged next to the API and the MCP endpoint. The MCP and extra routes
+    /// are not under the API's request timeout and load shedding, since
+    /// long-lived streams live there; they must not define a fallback.
     ///
     /// # Errors
     /// When the address cannot be bound.
@@ -52,12 +53,16 @@ impl Application {
             .context("failed to read the bound address")?
             .port();
         let state = AppState::new(settings, backends);
-        let router = extra(&state).merge(router(state.clone()));
+        let stopping = CancellationToken::new();
+        let router = extra(&state)
+            .merge(crate::mcp::router(&state, stopping.clone()))
+            .merge(router(state.clone()));
         Ok(Self {
             listener,
             port,
             router,
             state,
+            stopping,
         })
     }
 
@@ -82,8 +87,14 @@ impl Application {
             backends = %self.state.backends().description,
             "intake listening"
         );
+        let stopping = self.stopping;
         axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                // Blocking MCP waits answer now instead of holding the
+                // graceful shutdown open for minutes.
+                stopping.cancel();
+            })
             .await
             .context("the intake's HTTP server failed")?;
         tracing::info!("intake stopped");
