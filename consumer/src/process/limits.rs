@@ -161,33 +161,30 @@ impl Enforcement {
         if memory.is_none() && self.disk_watch.is_none() {
             return std::future::pending().await;
         }
+        let mut next_memory = Instant::now();
         let mut next_disk = Instant::now();
         let mut ticker = tokio::time::interval(SAMPLE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            if let Some((limit, pgid)) = memory {
-                let used = tokio::task::spawn_blocking(move || group_rss_bytes(pgid))
-                    .await
-                    .unwrap_or(0);
+            if let Some((limit, pgid)) = memory
+                && Instant::now() >= next_memory
+            {
+                let (used, next) = sampled(move || group_rss_bytes(pgid)).await;
                 if used > limit {
                     return LimitHit::Memory;
                 }
+                next_memory = next;
             }
             if let Some((dir, quota)) = &self.disk_watch
                 && Instant::now() >= next_disk
             {
                 let dir = dir.clone();
-                let began = Instant::now();
-                let used = tokio::task::spawn_blocking(move || dir_size(&dir))
-                    .await
-                    .unwrap_or(0);
+                let (used, next) = sampled(move || dir_size(&dir)).await;
                 if used > *quota {
                     return LimitHit::Disk;
                 }
-                // A huge tree must not turn the watcher into the main load:
-                // sample at most a tenth of the time.
-                next_disk = Instant::now() + began.elapsed() * 10;
+                next_disk = next;
             }
         }
     }
@@ -236,6 +233,15 @@ impl Enforcement {
             group.remove().await;
         }
     }
+}
+
+/// Runs a blocking measurement and says when the next one may start: a
+/// large process table or file tree must not turn the watcher into the main
+/// load, so it samples at most a tenth of the time.
+async fn sampled(measure: impl FnOnce() -> u64 + Send + 'static) -> (u64, Instant) {
+    let began = Instant::now();
+    let value = tokio::task::spawn_blocking(measure).await.unwrap_or(0);
+    (value, Instant::now() + began.elapsed() * 10)
 }
 
 /// `cores × timeout` seconds, at least one.
