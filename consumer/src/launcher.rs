@@ -46,8 +46,9 @@ static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaunchLimits {
     /// `RLIMIT_DATA`: private writable memory per process, in bytes. (Not
-    /// `RLIMIT_AS`: Node.js, and so Claude Code, reserves large address
-    /// ranges for WebAssembly and fails to start under an address-space cap.)
+    /// `RLIMIT_AS`: Node.js reserves large address ranges for WebAssembly
+    /// and fails to start under an address-space cap.) The Claude Code CLI
+    /// (a Bun binary) needs somewhat over 512 MiB of it just to start.
     pub data_bytes: Option<u64>,
     /// `RLIMIT_CPU`: CPU seconds per process; `SIGXCPU` when exceeded.
     pub cpu_seconds: Option<u64>,

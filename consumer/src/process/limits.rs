@@ -120,7 +120,7 @@ impl Enforcement {
             ..LaunchLimits::default()
         };
         let group = cgroup::parent().and_then(|parent| {
-            let name = uuid::Uuid::new_v4().simple().to_string();
+            let name = uuid::Uuid::now_v7().simple().to_string();
             parent
                 .create_task_group(&name, memory, cores)
                 .inspect_err(
