@@ -392,14 +392,16 @@ async fn the_heartbeat_appears_and_goes_away_at_shutdown() {
 
 #[tokio::test]
 async fn a_pool_with_nothing_to_do_stops_promptly() {
-    let world = World::new("widle", |_| {}).await;
+    // A grace period far longer than the bound below: stopping must not
+    // wait for it when nothing runs.
+    let world = World::new("widle", |s| s.worker.shutdown_grace_ms = 600_000).await;
     let pool = world.start_echo_pool();
     eventually("the pool to announce itself", || async {
         let workers = world.backends.store.workers().await.unwrap();
         (!workers.is_empty()).then_some(())
     })
     .await;
-    tokio::time::timeout(Duration::from_secs(10), pool.stop())
+    tokio::time::timeout(Duration::from_secs(60), pool.stop())
         .await
         .expect("an idle pool stops without waiting for its grace period");
 }
