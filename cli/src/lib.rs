@@ -7,8 +7,11 @@
 //!   one binary serves every deployment.
 //! - `submit`, `get`, `wait`, `cancel`, `list`, `workers` and `dead-letters`
 //!   talk to a running intake over HTTP ([`client`]).
+//! - `mcp` serves the intake's MCP tools on standard input and output, for
+//!   MCP clients that start their servers as a command ([`mcp`]).
 
 pub mod client;
+pub mod mcp;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -56,6 +59,10 @@ pub enum Command {
     /// Inspect, replay or discard dead letters.
     #[command(subcommand)]
     DeadLetters(client::DeadLetterCommand),
+    /// Serve the MCP tools on standard input and output (for
+    /// `claude mcp add claudecluster -- claudecluster mcp`), relayed to the
+    /// intake at `--url`.
+    Mcp(mcp::McpArgs),
 }
 
 /// Entry point shared by the `claudecluster` binary and the end-to-end test
@@ -99,5 +106,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => client::list(args).await,
         Command::Workers(conn) => client::workers(conn).await,
         Command::DeadLetters(cmd) => client::dead_letters(cmd).await,
+        Command::Mcp(args) => mcp::mcp(config_file, args).await,
     }
 }

@@ -5,6 +5,7 @@
 mod api;
 mod claude;
 mod crash;
+mod mcp;
 
 /// Declares `#[tokio::test]`s running each listed `async fn(BackendKind)` case
 /// once per backend, in modules `networked` and `embedded`.
