@@ -99,7 +99,8 @@ pub fn result(outcome: Result<Reply, ToolError>) -> (CallToolResult, Outcome) {
 pub fn error_result(err: &ApiError) -> CallToolResult {
     let mut body = err.to_body();
     if let Some(field) = &body.error.field
-        && !body.error.message.contains(field.as_str())
+        && !body.error.message.starts_with(field.as_str())
+        && !body.error.message.contains(&format!("`{field}`"))
     {
         body.error.message = format!("{field}: {}", body.error.message);
     }
