@@ -182,6 +182,13 @@ impl JetStreamBroker {
             PublishErrorKind::StreamNotFound => PublishFailure::NoStream,
             _ => PublishFailure::Other(e.to_string()),
         };
+        // While the client is reconnecting it would queue the message and
+        // send it once it is back: after the caller has been told the
+        // publish failed and has, say, removed the task's record. Fail at
+        // once instead, so "not confirmed" almost always means "not sent".
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(PublishFailure::Other("not connected to NATS".into()));
+        }
         let timeout = Duration::from_millis(self.settings.publish_timeout_ms.max(1));
         let confirmed = async {
             let ack = self
