@@ -3,9 +3,16 @@
 //! both), with the real Claude Code CLI where a test needs Claude.
 
 mod api;
+mod cancel;
+mod chaos;
 mod claude;
 mod crash;
+mod direct_publish;
+mod fleet;
+mod lease;
 mod mcp;
+mod restart;
+mod servers;
 
 /// Declares `#[tokio::test]`s running each listed `async fn(BackendKind)` case
 /// once per backend, in modules `networked` and `embedded`.
