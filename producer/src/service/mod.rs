@@ -361,8 +361,10 @@ impl TaskService {
             })
     }
 
-    /// Cancels a task that has not finished. A running task's worker notices
-    /// on its next state write.
+    /// Cancels a task that has not finished. A queued task is never started;
+    /// a running task's worker reads the state every
+    /// `worker.cancel_check_ms` and stops its processes when it sees
+    /// `cancelled`.
     ///
     /// # Errors
     /// [`ServiceError::AlreadyFinal`] with the record when it already
