@@ -153,6 +153,17 @@ mod tests {
             body["error"]["message"],
             "priority: must be between 1 and 10"
         );
+
+        // A message that merely contains the name still gets it in front.
+        let err = ApiError::parameter("id", "must be a task id (a UUID)");
+        let body = text_of(&error_result(&err));
+        assert_eq!(body["error"]["message"], "id: must be a task id (a UUID)");
+        // One that quotes it does not.
+        let err = ApiError::UnknownField {
+            field: "prio".into(),
+        };
+        let body = text_of(&error_result(&err));
+        assert_eq!(body["error"]["message"], "unknown field `prio`");
     }
 
     #[test]
