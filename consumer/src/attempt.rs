@@ -441,3 +441,141 @@ async fn crashed_attempts(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Opti
 fn is_handed_back(a: &claudecluster_engine::task::Attempt) -> bool {
     a.error.as_ref().is_some_and(|e| e.code == HANDED_BACK)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use claudecluster_engine::backend::Backends;
+    use claudecluster_engine::broker::BrokerError;
+    use claudecluster_engine::config::Settings;
+    use claudecluster_engine::task::NewTask;
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::executor::Executor;
+    use crate::metric::Meters;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<AckKind>>);
+
+    impl Recorder {
+        /// The acknowledgements that settle the message (not lease extensions).
+        fn settling(&self) -> Vec<AckKind> {
+            let acks = self.0.lock().unwrap();
+            acks.iter()
+                .copied()
+                .filter(|k| *k != AckKind::Progress)
+                .collect()
+        }
+    }
+
+    #[async_trait]
+    impl Acker for Recorder {
+        async fn ack(&self, kind: AckKind) -> Result<(), BrokerError> {
+            self.0.lock().unwrap().push(kind);
+            Ok(())
+        }
+    }
+
+    /// Runs until its attempt is told to stop, as a process executor does.
+    #[derive(Default)]
+    struct UntilStopped {
+        started: Notify,
+    }
+
+    #[async_trait]
+    impl Executor for UntilStopped {
+        fn name(&self) -> &'static str {
+            "until-stopped"
+        }
+
+        fn needs_work_dir(&self) -> bool {
+            false
+        }
+
+        async fn run(&self, _: &TaskMessage, ctx: &ExecContext) -> Result<TaskResult, ExecError> {
+            self.started.notify_one();
+            ctx.cancel.cancelled().await;
+            Err(ExecError::Cancelled)
+        }
+    }
+
+    /// A runtime on the embedded backends in `dir`.
+    fn runtime(dir: &std::path::Path, executor: Arc<UntilStopped>) -> (Runtime, Backends) {
+        let mut settings = Settings::default();
+        settings.embedded.data_dir = Some(dir.to_path_buf());
+        settings.worker.cancel_check_ms = 20;
+        let backends = claudecluster_engine::embedded::open_embedded(&settings).unwrap();
+        let rt = Runtime {
+            settings: Arc::new(settings),
+            consumer: backends.consumer.clone(),
+            store: backends.store.clone(),
+            executor,
+            worker_id: "w1".into(),
+            work_root: dir.join("work"),
+            abort: CancellationToken::new(),
+            meters: Meters::new("w1"),
+        };
+        (rt, backends)
+    }
+
+    fn message(rt: &Runtime) -> TaskMessage {
+        NewTask {
+            prompt: "run until stopped".into(),
+            ..NewTask::default()
+        }
+        .into_message(&rt.settings.tasks, Utc::now())
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_cancel_is_recorded_as_cancelled_and_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Arc::new(UntilStopped::default());
+        let (rt, backends) = runtime(dir.path(), executor.clone());
+        let msg = message(&rt);
+        let acker = Arc::new(Recorder::default());
+
+        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone());
+        let cancel = async {
+            executor.started.notified().await;
+            backends.store.cancel(msg.id, Utc::now()).await.unwrap();
+        };
+        tokio::join!(run, cancel);
+
+        assert_eq!(acker.settling(), [AckKind::Ack], "acked, not handed back");
+        let record = backends.store.get(msg.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Cancelled);
+        assert_eq!(record.duplicate_executions, 0);
+        let attempt = &record.attempt_history[0];
+        assert_eq!(attempt.outcome, Some(TaskState::Cancelled));
+        assert_eq!(attempt.error.as_ref().unwrap().code, CANCELLED);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_hands_the_task_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Arc::new(UntilStopped::default());
+        let (rt, backends) = runtime(dir.path(), executor.clone());
+        let msg = message(&rt);
+        let acker = Arc::new(Recorder::default());
+
+        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone());
+        let abort = async {
+            executor.started.notified().await;
+            rt.abort.cancel();
+        };
+        tokio::join!(run, abort);
+
+        assert_eq!(acker.settling(), [AckKind::Nak(None)]);
+        let record = backends.store.get(msg.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Queued);
+        assert_eq!(
+            record.attempt_history[0].error.as_ref().unwrap().code,
+            HANDED_BACK
+        );
+    }
+}
