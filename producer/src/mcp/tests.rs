@@ -595,3 +595,65 @@ async fn waiting_on_an_unknown_task_says_so() {
     .unwrap_err();
     assert!(matches!(err, ServiceError::TaskNotFound(unknown) if unknown == id));
 }
+
+#[tokio::test]
+async fn shutdown_answers_a_blocking_wait_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.embedded.data_dir = Some(dir.path().to_path_buf());
+    let backends = claudecluster_engine::embedded::open_embedded(&settings).unwrap();
+    let app = crate::Application::build(settings, backends).await.unwrap();
+    let url = format!("http://127.0.0.1:{}/mcp", app.port());
+    let record = app
+        .state()
+        .service()
+        .submit(NewTask {
+            prompt: "nobody runs me".into(),
+            ..NewTask::default()
+        })
+        .await
+        .unwrap()
+        .record;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {
+            "name": "wait_for_task",
+            "arguments": {"id": record.id, "max_wait_secs": 600},
+            "_meta": {"progressToken": "p"}
+        }
+    });
+    let mut response = reqwest::Client::new()
+        .post(&url)
+        .header("accept", "application/json, text/event-stream")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    // Read until the wait has reported the task queued: it is blocking now.
+    while !seen.contains("notifications/progress") {
+        let chunk = response
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the wait is streaming");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    shutdown.cancel();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let answer: Value = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .find(|m: &Value| m["id"] == 1)
+        .expect("the wait answered");
+    assert_eq!(answer["result"]["structuredContent"]["state"], "queued");
+    assert_eq!(answer["result"]["isError"], false);
+    server.await.unwrap().unwrap();
+}
