@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod broker;
 pub mod config;
+pub mod embedded;
 pub mod results;
 pub mod shutdown;
 pub mod task;
