@@ -329,7 +329,7 @@ impl TaskConsumer for EmbeddedQueue {
     ) -> Result<(), BrokerError> {
         let id = task_id.map(|id| id.as_u128());
         let at_ms = Utc::now().timestamp_millis();
-        let reason = reason.to_owned();
+        let reason = one_line_reason(reason);
         let payload = payload.clone();
         self.inner
             .db
@@ -354,6 +354,31 @@ fn read_bodies(
     seqs.iter()
         .map(|&seq| Ok(payloads.get(seq)?.map(|v| v.value().to_vec())))
         .collect()
+}
+
+/// Longest reason kept, in bytes; the same bound as the JetStream header.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// A reason as the JetStream backend keeps it (one header line): control
+/// characters become spaces, the length is bounded, and an empty reason is
+/// `unspecified`, so operators see the same text on either backend.
+fn one_line_reason(reason: &str) -> String {
+    let mut out: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX_REASON_BYTES {
+        let mut cut = MAX_REASON_BYTES;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    if out.trim().is_empty() {
+        "unspecified".into()
+    } else {
+        out
+    }
 }
 
 /// Stores the delivery counts of leased messages that are still queued.

@@ -54,6 +54,30 @@ pub(crate) fn load(
     Ok(decode(id, json).map(Some))
 }
 
+/// Reads only the state of the record of `id` from its header, unless it is
+/// missing or has expired at `now_ms`.
+///
+/// # Errors
+/// When the table cannot be read.
+pub(crate) fn load_state(
+    table: &impl ReadableTable<u128, StoredValue>,
+    id: TaskId,
+    now_ms: u64,
+) -> Result<Option<TaskState>, redb::Error> {
+    let Some(guard) = table.get(id.as_u128())? else {
+        return Ok(None);
+    };
+    let (expires_ms, _, code, _, _) = guard.value();
+    Ok((expires_ms > now_ms).then(|| state_of_code(code)).flatten())
+}
+
+/// The state of an index code from [`state_code`].
+pub(crate) fn state_of_code(code: u8) -> Option<TaskState> {
+    TaskState::ALL
+        .get(usize::from(code).checked_sub(1)?)
+        .copied()
+}
+
 /// Parses a stored record.
 ///
 /// # Errors
@@ -177,6 +201,10 @@ mod tests {
             TaskState::ALL.into_iter().map(state_code).collect();
         assert_eq!(codes.len(), TaskState::ALL.len());
         assert!(!codes.contains(&ALL_STATES));
+        for state in TaskState::ALL {
+            assert_eq!(state_of_code(state_code(state)), Some(state));
+        }
+        assert_eq!(state_of_code(ALL_STATES), None);
     }
 
     #[test]

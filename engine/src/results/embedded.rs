@@ -95,7 +95,8 @@ fn save<T>(
 }
 
 /// The create rule: an idempotency key held by a live record returns that
-/// record; an id that is already stored is never overwritten.
+/// record; an id that is already stored is never overwritten (and a repeated
+/// create of it answers `Created`).
 fn create_op(
     t: &mut Tables<'_>,
     record: &TaskRecord,
@@ -111,8 +112,10 @@ fn create_op(
         }
         // A key whose task has expired or been removed is free again.
     }
-    if let Some(existing) = load_or_answer!(t, record.id, now) {
-        return Ok(Ok(CreateOutcome::Existing(Box::new(existing))));
+    if load_or_answer!(t, record.id, now).is_some() {
+        // A repeated create of the same task (a retried request) is not a
+        // conflict; the stored record is kept as it is.
+        return Ok(Ok(CreateOutcome::Created));
     }
     if let Some(key) = &record.idempotency_key {
         // Take the key over from an expired owner before `put` claims it.
@@ -162,43 +165,52 @@ fn end_op(
 ) -> Result<Answer<EndOutcome>, redb::Error> {
     let Some(mut record) = load_or_answer!(t, id, now) else {
         return Ok(Err(StoreError::Other(format!(
-            "no record of task {id}: it expired or was removed"
+            "task {id} has no record (expired or removed)"
         ))));
     };
-    if record.state == TaskState::Cancelled
-        && let Some(entry) = record
+    if record.state.is_final() {
+        let state = record.state;
+        let open = record
             .attempt_history
             .iter_mut()
-            .find(|a| a.number == attempt && a.finished_at.is_none())
-    {
-        // Cancelled while this attempt ran: the attempt is the execution
-        // being stopped, not a second one.
-        entry.finished_at = Some(end.at);
-        entry.outcome = Some(TaskState::Cancelled);
-        entry.error.clone_from(&end.error);
-        record.updated_at = end.at;
-        return save(
-            t,
-            &record,
-            expires,
-            EndOutcome::AlreadyFinal(TaskState::Cancelled),
-        );
-    }
-    if record.state.is_final() {
-        record.duplicate_executions += 1;
-        record.updated_at = end.at;
-        let state = record.state;
+            .find(|a| a.number == attempt && a.finished_at.is_none());
+        match open {
+            // Cancelled while this attempt ran: this is that execution
+            // stopping, not a second one.
+            Some(entry) if state == TaskState::Cancelled => {
+                entry.finished_at = Some(end.at);
+                entry.outcome = Some(TaskState::Cancelled);
+                entry.error.clone_from(&end.error);
+                record.updated_at = end.at;
+            }
+            _ => record.duplicate_executions += 1,
+        }
         return save(t, &record, expires, EndOutcome::AlreadyFinal(state));
     }
-    if let Some(entry) = record
+    let index = match record
         .attempt_history
-        .iter_mut()
-        .find(|a| a.number == attempt)
+        .iter()
+        .position(|a| a.number == attempt)
     {
-        entry.finished_at = Some(end.at);
-        entry.outcome = Some(end.state);
-        entry.error.clone_from(&end.error);
-    }
+        Some(index) => index,
+        None => {
+            // An attempt this record never saw start (it was recreated):
+            // keep what is known of it.
+            record.attempt_history.push(Attempt {
+                number: attempt,
+                worker_id: record.worker_id.clone().unwrap_or_default(),
+                started_at: record.started_at.unwrap_or(end.at),
+                finished_at: None,
+                outcome: None,
+                error: None,
+            });
+            record.attempt_history.len() - 1
+        }
+    };
+    let entry = &mut record.attempt_history[index];
+    entry.finished_at = Some(end.at);
+    entry.outcome = Some(end.state);
+    entry.error.clone_from(&end.error);
     // An older attempt that is merely handing the task back must not move
     // the task out from under the newer attempt that is running it now.
     let superseded = attempt < record.attempts && !end.state.is_final();
@@ -210,6 +222,7 @@ fn end_op(
             record.finished_at = Some(end.at);
         } else {
             record.queued_at = Some(end.at);
+            record.finished_at = None;
         }
     }
     record.updated_at = end.at;
@@ -325,6 +338,16 @@ impl ResultStore for EmbeddedStore {
             })
             .await
             .map_err(unavailable)?
+    }
+
+    async fn state(&self, id: TaskId) -> Result<Option<TaskState>, StoreError> {
+        self.db
+            .read(move |txn| {
+                let tasks = txn.open_table(tables::TASKS)?;
+                records::load_state(&tasks, id, tables::now_ms())
+            })
+            .await
+            .map_err(unavailable)
     }
 
     #[instrument(skip_all, fields(task_id = %msg.id))]

@@ -26,6 +26,8 @@ pub struct Fixture {
     pub backends: Backends,
     /// The settings they were opened with.
     pub settings: Settings,
+    /// The embedded backends' data directory, removed on drop.
+    data_dir: Option<tempfile::TempDir>,
     cleaned: bool,
 }
 
@@ -39,20 +41,39 @@ impl Fixture {
         Self {
             backends,
             settings,
+            data_dir: None,
+            cleaned: false,
+        }
+    }
+
+    /// The embedded queue and store, in a fresh temporary directory.
+    pub async fn embedded() -> Self {
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        let mut settings = Settings::default();
+        settings.nats.ack_wait_ms = u64::try_from(ACK_WAIT.as_millis()).unwrap();
+        settings.embedded.data_dir = Some(data_dir.path().to_path_buf());
+        let backends = claudecluster_engine::embedded::open_embedded(&settings)
+            .expect("open the embedded backends");
+        Self {
+            backends,
+            settings,
+            data_dir: Some(data_dir),
             cleaned: false,
         }
     }
 
     /// Removes what the fixture created.
     pub async fn cleanup(mut self) {
-        testing::cleanup(&self.settings).await;
+        if self.data_dir.is_none() {
+            testing::cleanup(&self.settings).await;
+        }
         self.cleaned = true;
     }
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        if !self.cleaned {
+        if !self.cleaned && self.data_dir.is_none() {
             testing::cleanup_blocking(&self.settings);
         }
     }

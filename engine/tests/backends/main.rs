@@ -66,3 +66,4 @@ macro_rules! contract {
 }
 
 with_cases!(contract!(jetstream_redis => crate::harness::Fixture::networked));
+with_cases!(contract!(embedded => crate::harness::Fixture::embedded));
