@@ -8,9 +8,9 @@
 //! - A delivered message is leased for `nats.ack_wait_ms`. `Progress`
 //!   extends the lease, `Nak` gives it back (now or after a delay), `Ack` and
 //!   `Term` remove it; an expired lease makes it deliverable again with its
-//!   delivery count raised. The count is stored at each delivery, so a
-//!   message that keeps killing the process still reaches the worker's
-//!   quarantine limit.
+//!   delivery count raised. The count is stored at each delivery (in the
+//!   background, queued ahead of any ack of it), so a message that keeps
+//!   killing the process still reaches the worker's quarantine limit.
 //! - Leases live in memory only: after a restart, every message that was in
 //!   flight is deliverable at once, so nothing accepted is lost.
 //! - Workers waiting for work sleep on a [`Notify`] woken by publishes and

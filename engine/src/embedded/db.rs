@@ -387,3 +387,67 @@ fn purge(db: &Database) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queued operation and the receiver of its answer.
+    fn op<F>(f: F) -> (Box<dyn WriteOp>, oneshot::Receiver<Result<u64, DbError>>)
+    where
+        F: FnMut(&mut Tables<'_>) -> Result<u64, redb::Error> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = FnOp {
+            f,
+            out: None,
+            reply,
+        };
+        (Box::new(op), answer)
+    }
+
+    fn counter(db: &Database, name: &str) -> u64 {
+        let txn = redb::ReadableDatabase::begin_read(db).unwrap();
+        let meta = txn.open_table(tables::META).unwrap();
+        redb::ReadableTable::get(&meta, name)
+            .unwrap()
+            .map_or(0, |v| v.value())
+    }
+
+    #[test]
+    fn a_failing_or_panicking_operation_does_not_sink_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        tables::create_all(&txn).unwrap();
+        txn.commit().unwrap();
+
+        let (good, good_answer) = op(|t| t.next_seq("good"));
+        // Writes, then fails: its write must not be committed.
+        let (bad, bad_answer) = op(|t| {
+            t.next_seq("bad")?;
+            Err(redb::Error::Corrupted("simulated".into()))
+        });
+        let (panics, panic_answer) = op(|t| {
+            t.next_seq("panics")?;
+            panic!("simulated panic in an operation");
+        });
+        let (after, after_answer) = op(|t| t.next_seq("good"));
+        let mut group = vec![good, bad, panics, after];
+        commit_group(&db, &mut group);
+
+        assert_eq!(good_answer.blocking_recv().unwrap().unwrap(), 1);
+        assert_eq!(after_answer.blocking_recv().unwrap().unwrap(), 2);
+        assert!(matches!(
+            bad_answer.blocking_recv().unwrap(),
+            Err(DbError::Storage(_))
+        ));
+        assert!(matches!(
+            panic_answer.blocking_recv().unwrap(),
+            Err(DbError::Panicked)
+        ));
+        assert_eq!(counter(&db, "good"), 2);
+        assert_eq!(counter(&db, "bad"), 0);
+        assert_eq!(counter(&db, "panics"), 0);
+    }
+}
