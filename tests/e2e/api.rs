@@ -20,6 +20,7 @@ crate::on_both_backends!(
     priority_overtakes_a_backlog,
     two_pools_share_the_work_once_each,
     command_failure_is_recorded,
+    a_retried_submit_publishes_a_task_whose_first_publish_was_lost,
 );
 
 async fn submit_and_poll_to_succeeded(kind: BackendKind) {
@@ -319,5 +320,31 @@ async fn command_failure_is_recorded(kind: BackendKind) {
             .unwrap()
             .contains("broken")
     );
+    cluster.stop().await;
+}
+
+async fn a_retried_submit_publishes_a_task_whose_first_publish_was_lost(kind: BackendKind) {
+    let cluster = TestCluster::start(kind, |_| {}).await;
+    // A first submit that stored its record and then lost its publish (the
+    // intake crashed in between): the record is there, no message is.
+    let msg = claudecluster_engine::task::NewTask {
+        prompt: "stored but never published".into(),
+        idempotency_key: Some("lost-publish".into()),
+        ..Default::default()
+    }
+    .into_message(&cluster.settings.tasks, chrono::Utc::now())
+    .unwrap();
+    let record = claudecluster_engine::TaskRecord::queued(&msg, chrono::Utc::now());
+    cluster.backends.store.create(&record).await.unwrap();
+
+    // The client retries with its key: it gets the same task, and it runs.
+    let (status, body) = cluster
+        .submit(json!({"prompt": "stored but never published", "idempotency_key": "lost-publish"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], msg.id.to_string());
+    let done = cluster.wait_final(&msg.id.to_string(), WAIT).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1);
     cluster.stop().await;
 }

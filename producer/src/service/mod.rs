@@ -189,8 +189,19 @@ impl TaskService {
         now: DateTime<Utc>,
     ) -> Result<Submitted, ServiceError> {
         let record = TaskRecord::queued(&msg, now);
-        if let CreateOutcome::Existing(existing) = self.backends.store.create(&record).await? {
+        let created = match self.backends.store.create(&record).await {
+            Ok(created) => created,
+            Err(e) => {
+                // The store may have written the record before it failed to
+                // answer (a Redis that died mid-reply): make sure no queued
+                // record is left behind for a task that was never published.
+                self.roll_back_in_background(&msg);
+                return Err(e.into());
+            }
+        };
+        if let CreateOutcome::Existing(existing) = created {
             metrics::tasks_duplicate(1);
+            self.republish_if_unstarted(&existing, now).await;
             return Ok(Submitted {
                 record: *existing,
                 replayed: true,
@@ -422,8 +433,52 @@ impl TaskService {
         result
     }
 
-    /// Removes the record of a task whose publish failed. If even that fails
-    /// the record stays `queued` until its TTL; say so loudly.
+    /// An idempotent replay of a task that has not started yet publishes it
+    /// again. Normally the broker drops the copy as a duplicate (same message
+    /// id, inside its duplicate window); but when the first submit stored the
+    /// record and then lost its publish, this is what gets the task onto the
+    /// queue, so a client retrying with its key never waits on a task that
+    /// nothing will run. Outside the window a copy could run twice, so the
+    /// task is left alone there.
+    async fn republish_if_unstarted(&self, existing: &TaskRecord, now: DateTime<Utc>) {
+        let window = chrono::Duration::milliseconds(
+            i64::try_from(self.settings.nats.duplicate_window_ms).unwrap_or(i64::MAX),
+        );
+        if existing.state != TaskState::Queued
+            || existing.attempts > 0
+            || now - existing.created_at >= window
+        {
+            return;
+        }
+        if let Err(e) = self.publish(&existing.to_message()).await {
+            tracing::warn!(error = %e, task_id = %existing.id, "republishing a replayed task failed");
+        }
+    }
+
+    /// [`Self::roll_back`] retried in the background for a while, for a store
+    /// that is down right now.
+    fn roll_back_in_background(&self, msg: &TaskMessage) {
+        let this = self.clone();
+        let (id, key) = (msg.id, msg.idempotency_key.clone());
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            for _ in 0..10 {
+                match this.backends.store.remove(id, key.as_deref()).await {
+                    Ok(()) => return,
+                    Err(_) => tokio::time::sleep(delay).await,
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            tracing::error!(
+                task_id = %id,
+                "could not make sure a task whose submit failed left no record; \
+                 a queued record may stay until it expires"
+            );
+        });
+    }
+
+    /// Removes the record of a task whose publish failed; when the store
+    /// cannot be reached right now, keeps trying in the background.
     async fn roll_back(&self, msg: &TaskMessage) {
         if let Err(e) = self
             .backends
@@ -431,12 +486,8 @@ impl TaskService {
             .remove(msg.id, msg.idempotency_key.as_deref())
             .await
         {
-            tracing::error!(
-                error = %e,
-                task_id = %msg.id,
-                "could not remove the record of a task that was not published; \
-                 it stays queued until it expires"
-            );
+            tracing::warn!(error = %e, task_id = %msg.id, "removing the record of an unpublished task failed; retrying");
+            self.roll_back_in_background(msg);
         }
     }
 }
