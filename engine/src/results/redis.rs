@@ -9,9 +9,10 @@
 //! Every transition also publishes `{"id","state"}` on
 //! `<prefix>events:<id>`, for clients that want to follow a task.
 //!
-//! Connections come from a deadpool pool of multiplexed connections sized by
-//! `RedisSettings::pool_size`.
+//! Calls go over a ring of `RedisSettings::pool_size` multiplexed
+//! connections ([`connections`]).
 
+mod connections;
 mod keys;
 mod record;
 mod reply;
@@ -21,13 +22,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionLike;
-use ::redis::{
-    AsyncConnectionConfig, ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value,
-};
+use ::redis::{ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tracing::instrument;
 
+use self::connections::Connections;
 use self::keys::{Cursor, Keys};
 use self::scripts::Scripts;
 use super::{
@@ -37,13 +37,6 @@ use super::{
 use crate::config::RedisSettings;
 use crate::task::{TaskId, TaskMessage, TaskRecord, TaskState};
 
-/// How long opening a connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one command may take. Generous: a pipelined batch of creates is
-/// one "command" from the client's point of view.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a caller waits for a free pooled connection.
-const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest page `list` returns.
 const MAX_PAGE: usize = 1000;
 /// Index reads per `list` call when expired or moved entries leave holes.
@@ -51,7 +44,7 @@ const MAX_LIST_ROUNDS: usize = 8;
 
 /// Task state in Redis.
 pub struct RedisStore {
-    pool: deadpool_redis::Pool,
+    connections: Connections,
     keys: Keys,
     ttl_secs: u64,
     scripts: Scripts,
@@ -68,27 +61,14 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store over a pool of connections to `url`; connections open on
-    /// first use.
+    /// A store over a ring of connections to `url`; connections open on
+    /// first use. Must be called within a Tokio runtime.
     ///
     /// # Errors
     /// [`StoreError::Other`] when the URL is not a Redis URL.
     pub fn new(url: &str, settings: &RedisSettings) -> Result<Self, StoreError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let manager = deadpool_redis::Manager::new_with_config(url, config)
-            .map_err(|e| StoreError::Other(format!("invalid Redis URL: {e}")))?;
-        let pool = deadpool_redis::Pool::builder(manager)
-            .max_size(settings.pool_size.max(1))
-            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(RESPONSE_TIMEOUT))
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Other(format!("cannot build the Redis pool: {e}")))?;
         Ok(Self {
-            pool,
+            connections: Connections::new(url, settings.pool_size)?,
             keys: Keys::new(&settings.key_prefix),
             // EXPIRE 0 would delete the record at once.
             ttl_secs: settings.result_ttl_secs.max(1),
@@ -106,8 +86,8 @@ impl RedisStore {
         Ok(store)
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(reply::pool_error)
+    fn conn(&self) -> ::redis::aio::ConnectionManager {
+        self.connections.get()
     }
 
     /// Index entries created before this (ms) belong to expired records.
@@ -117,7 +97,7 @@ impl RedisStore {
     }
 
     async fn eval(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         invocation
             .invoke_async(&mut conn)
             .await
@@ -175,7 +155,7 @@ impl RedisStore {
         for invocation in invocations {
             pipe.invoke_script(invocation);
         }
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         let results: Vec<RedisResult<Value>> = pipe
             .query_async(&mut conn)
             .await
@@ -292,7 +272,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         let value: Value = ::redis::cmd("HGETALL")
             .arg(self.keys.task(id))
             .query_async(&mut conn)
@@ -307,7 +287,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn state(&self, id: TaskId) -> Result<Option<TaskState>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         let state: Option<String> = ::redis::cmd("HGET")
             .arg(self.keys.task(id))
             .arg("state")
@@ -461,7 +441,7 @@ impl ResultStore for RedisStore {
         let index = self.keys.index(state);
         let all_index = self.keys.index(None);
         let cutoff = self.cutoff_ms();
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         let mut tasks = Vec::with_capacity(limit);
 
         for _ in 0..MAX_LIST_ROUNDS {
@@ -543,7 +523,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(worker_id = %id))]
     async fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         ::redis::pipe()
             .cmd("HDEL")
             .arg(self.keys.workers())
@@ -578,7 +558,7 @@ impl ResultStore for RedisStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn();
         ::redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await

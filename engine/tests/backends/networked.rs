@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use chrono::Utc;
+use claudecluster_engine::backend;
 use claudecluster_engine::broker::jetstream::JetStreamBroker;
 use claudecluster_engine::broker::jetstream::definitions::Definitions;
-use claudecluster_engine::broker::{BrokerError, TaskConsumer, TaskPublisher};
+use claudecluster_engine::broker::{BrokerError, PriorityBand, TaskConsumer, TaskPublisher};
 use claudecluster_engine::results::redis::RedisStore;
 use claudecluster_engine::results::{ResultStore, StoreError};
 use claudecluster_engine::task::TraceContext;
@@ -305,6 +306,37 @@ async fn a_worker_reports_and_recreates_deleted_consumers() {
     assert_eq!(crate::harness::id_of(&batch[0]), msg.id);
     crate::harness::ack_all(&batch).await;
     fixture.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_saturated_band_does_not_block_the_others() {
+    let mut settings = networked_settings();
+    settings.nats.max_ack_pending = 3;
+    let _cleanup = Cleanup(settings.clone());
+    let b = backend::connect_networked(&settings).await.unwrap();
+    let urgent: Vec<_> = (0..5).map(|_| message(10)).collect();
+    for r in b.publisher.publish_batch(&urgent).await {
+        r.unwrap();
+    }
+    let normal = message(5);
+    b.publisher.publish(&normal).await.unwrap();
+
+    // Three high tasks out: the high band is at its limit, and a 2.9 server
+    // does not answer pulls on it. The worker must still get the normal one.
+    let held = take(b.consumer.as_ref(), 3, 3).await;
+    assert!(held.iter().all(|d| d.band == PriorityBand::High));
+    let next = take(b.consumer.as_ref(), 1, 1).await;
+    assert_eq!(crate::harness::id_of(&next[0]), normal.id);
+
+    // Once the held ones are done, the rest of the high band flows, including
+    // anything the abandoned pull was sent meanwhile (handed back at once).
+    crate::harness::ack_all(&held).await;
+    crate::harness::ack_all(&next).await;
+    let rest = take(b.consumer.as_ref(), 2, 2).await;
+    let mut ids: std::collections::HashSet<_> = held.iter().map(crate::harness::id_of).collect();
+    ids.extend(rest.iter().map(crate::harness::id_of));
+    assert_eq!(ids, urgent.iter().map(|m| m.id).collect());
+    crate::harness::ack_all(&rest).await;
 }
 
 /// `url` with its server replaced by the proxy's.

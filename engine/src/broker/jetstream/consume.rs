@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_nats::StatusCode;
 use async_nats::jetstream::consumer::pull::BatchConfig;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind as JsAckKind};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,9 +33,18 @@ use crate::task::TaskId;
 /// wake-up.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
-/// A no-wait pull is answered at once; this only catches a server that went
-/// away mid-pull.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pull may go unanswered. A no-wait pull is answered at once
+/// (messages, then `404`/`408` when the band runs dry), except when the band
+/// already has `max_ack_pending` messages out: a 2.9 server then parks the
+/// request without a word. (An expiry on the request would bound that, but
+/// a 2.9 server then also holds pulls on empty bands until the expiry,
+/// which costs far more.) Silence past this means "band saturated": the
+/// worker moves on to the next band and the parked request is handed to
+/// [`rescue`].
+const SILENCE: Duration = Duration::from_secs(1);
+
+/// How long [`rescue`] keeps listening for deliveries to an abandoned pull.
+const RESCUE_WINDOW: Duration = Duration::from_secs(300);
 
 /// Why a pull failed.
 enum PullError {
@@ -48,6 +58,46 @@ impl From<PullError> for BrokerError {
     fn from(e: PullError) -> Self {
         match e {
             PullError::Missing(e) | PullError::Other(e) => e,
+        }
+    }
+}
+
+/// An outstanding pull request. Dropped before the server has finished
+/// with it (a silent band, or the caller's future dropped at shutdown), it
+/// hands its inbox to [`rescue`], so messages still on their way are given
+/// back at once instead of sitting out their lease in a dead inbox.
+struct Pull {
+    replies: Option<async_nats::Subscriber>,
+    js: jetstream::Context,
+}
+
+impl Drop for Pull {
+    fn drop(&mut self) {
+        if let Some(replies) = self.replies.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(rescue(replies, self.js.clone()));
+        }
+    }
+}
+
+/// Naks every message that arrives on an abandoned pull's inbox, until the
+/// server ends the request or [`RESCUE_WINDOW`] passes.
+async fn rescue(mut replies: async_nats::Subscriber, js: jetstream::Context) {
+    let deadline = tokio::time::Instant::now() + RESCUE_WINDOW;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                let message = jetstream::Message {
+                    message,
+                    context: js.clone(),
+                };
+                if let Err(e) = message.ack_with(JsAckKind::Nak(None)).await {
+                    tracing::debug!(error = %e, "cannot hand back a late delivery");
+                }
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => {}
+            Some(_) => return,
         }
     }
 }
@@ -102,12 +152,22 @@ impl JetStreamBroker {
         want: usize,
         out: &mut Vec<Delivery>,
     ) -> Result<(), PullError> {
+        // Checked first so an outage fails fast instead of after `SILENCE`.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(PullError::Other(BrokerError::Unavailable(
+                "not connected to NATS".into(),
+            )));
+        }
         let inbox = self.client.new_inbox();
-        let mut replies = self
+        let replies = self
             .client
             .subscribe(inbox.clone())
             .await
             .map_err(|e| PullError::Other(unavailable("cannot subscribe for a pull", e)))?;
+        let mut pull = Pull {
+            replies: Some(replies),
+            js: self.js.clone(),
+        };
         let request = BatchConfig {
             batch: want,
             no_wait: true,
@@ -119,6 +179,9 @@ impl JetStreamBroker {
             .map_err(|e| PullError::Other(unavailable("cannot send a pull request", e)))?;
 
         let started = out.len();
+        let Some(replies) = pull.replies.as_mut() else {
+            return Ok(());
+        };
         let collect = async {
             while out.len() - started < want {
                 let Some(message) = replies.next().await else {
@@ -138,8 +201,8 @@ impl JetStreamBroker {
                     }
                     // No (more) messages.
                     Some(StatusCode::NOT_FOUND | StatusCode::TIMEOUT) => break,
-                    // The band has max_ack_pending messages out, or the
-                    // request was cut short: nothing more from it now.
+                    // The request was cut short (limits, leadership change):
+                    // nothing more from this band now.
                     Some(StatusCode::REQUEST_TERMINATED) => {
                         tracing::debug!(
                             band = lane.band.as_str(),
@@ -161,13 +224,51 @@ impl JetStreamBroker {
             }
             Ok(())
         };
-        let collected = tokio::time::timeout(FETCH_TIMEOUT, collect).await;
+        let collected = tokio::time::timeout(SILENCE, collect).await;
         match collected {
-            Ok(result) => result,
+            Ok(result) => {
+                // The server has finished with the request: nothing to rescue.
+                pull.replies = None;
+                result
+            }
+            // Silence: the band is saturated, or its consumer is gone (a
+            // 2.9 server ignores pulls for a missing consumer). `pull` is
+            // dropped on return and rescues whatever the parked request
+            // still brings.
             Err(_) if out.len() > started => Ok(()),
-            Err(_) => Err(PullError::Other(BrokerError::Unavailable(format!(
-                "no answer to a pull request within {FETCH_TIMEOUT:?}"
-            )))),
+            Err(_) => self.explain_silence(lane).await,
+        }
+    }
+
+    /// Tells a saturated band (fine: move on) from a missing consumer
+    /// (repair) after a pull went unanswered.
+    async fn explain_silence(&self, lane: &Lane) -> Result<(), PullError> {
+        let name = &lane.consumer.cached_info().name;
+        match self.tasks.consumer_info(name).await {
+            Ok(info) => {
+                tracing::debug!(
+                    band = lane.band.as_str(),
+                    ack_pending = info.num_ack_pending,
+                    max_ack_pending = info.config.max_ack_pending,
+                    "pull went unanswered; band saturated"
+                );
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                ) =>
+            {
+                Err(PullError::Missing(BrokerError::Unavailable(format!(
+                    "the consumer of the {} band does not exist",
+                    lane.band.as_str()
+                ))))
+            }
+            Err(e) => Err(PullError::Other(unavailable(
+                "a pull went unanswered and the consumer cannot be read",
+                e,
+            ))),
         }
     }
 

@@ -23,18 +23,6 @@ pub(super) fn redis_error(e: RedisError) -> StoreError {
     }
 }
 
-/// A pool that cannot hand out a connection (Redis unreachable, or every
-/// connection busy for longer than the wait timeout).
-pub(super) fn pool_error(e: deadpool_redis::PoolError) -> StoreError {
-    match e {
-        deadpool_redis::PoolError::Backend(e) => match redis_error(e) {
-            StoreError::Other(m) => StoreError::Unavailable(m),
-            other => other,
-        },
-        other => StoreError::Unavailable(other.to_string()),
-    }
-}
-
 fn unexpected(what: &str, value: &Value) -> StoreError {
     StoreError::Other(format!("unexpected reply to {what}: {value:?}"))
 }

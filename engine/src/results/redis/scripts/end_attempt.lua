@@ -64,23 +64,29 @@ else
   attempt.error = nil
 end
 
-redis.call('HSET', h, 'state', new, 'updated_at', at, field, cjson.encode(attempt))
+-- One HSET and at most one HDEL for the whole update.
+local set = {'state', new, 'updated_at', at, field, cjson.encode(attempt)}
+local del = {}
 if result ~= '' then
-  redis.call('HSET', h, 'result', result)
+  set[#set + 1] = 'result'; set[#set + 1] = result
 else
-  redis.call('HDEL', h, 'result')
+  del[#del + 1] = 'result'
 end
 if err ~= '' then
-  redis.call('HSET', h, 'error', err)
+  set[#set + 1] = 'error'; set[#set + 1] = err
 else
-  redis.call('HDEL', h, 'error')
+  del[#del + 1] = 'error'
 end
 if FINAL[new] then
-  redis.call('HSET', h, 'finished_at', at)
+  set[#set + 1] = 'finished_at'; set[#set + 1] = at
 else
   -- Back on the queue for a retry.
-  redis.call('HSET', h, 'queued_at', at)
-  redis.call('HDEL', h, 'finished_at')
+  set[#set + 1] = 'queued_at'; set[#set + 1] = at
+  del[#del + 1] = 'finished_at'
+end
+redis.call('HSET', h, unpack(set))
+if #del > 0 then
+  redis.call('HDEL', h, unpack(del))
 end
 redis.call('EXPIRE', h, ttl)
 index_move(prefix, id, score, cutoff, state, new)
