@@ -140,6 +140,10 @@ pub struct CommonArgs {
     /// Stop sending after this long, whatever is left.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub max_duration: Duration,
+    /// Closed loop: pause sending while this many accepted tasks are
+    /// unfinished (measures the sustained rate instead of filling a queue).
+    #[arg(long)]
+    pub max_backlog: Option<u64>,
     /// After the last send, wait this long for tasks to finish.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -158,6 +162,10 @@ pub struct CommonArgs {
     /// Exit with status 1 unless every task was accepted and succeeded.
     #[arg(long)]
     pub require_success: bool,
+    /// Report the CPU time this process used per task, as NAME=PID; repeat
+    /// for several (the generator's own is always reported).
+    #[arg(long = "watch-pid")]
+    pub watch: Vec<String>,
 }
 
 /// A duration that is not `<number><unit>`.
@@ -288,9 +296,11 @@ async fn load(common: CommonArgs, load: Load) -> anyhow::Result<u8> {
         },
         load,
         max_duration: common.max_duration,
+        max_backlog: common.max_backlog,
         drain_timeout: common.drain_timeout,
         observe,
         progress: !common.quiet,
+        watch: common.watch.clone(),
     };
     let report = crate::drive::run(config)
         .await

@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::api::{SubmitApi, SubmitOutcome};
+use crate::cpu::CpuWatch;
 use crate::http::{ConnectionPool, Endpoint, HttpConnection, HttpError};
 use crate::observe::{Clock, ObserveError, ObserveMode, Observer, Tracker};
 use crate::report::{Latencies, LoadShape, Report, TaskCounts, Throughput};
@@ -73,6 +74,10 @@ pub struct RunConfig {
     pub load: Load,
     /// Sending stops at this age of the run, whatever is left.
     pub max_duration: Duration,
+    /// Closed loop only: senders pause while this many accepted tasks are
+    /// unfinished, so the figure is the rate the system sustains rather
+    /// than how fast a queue can be filled. Needs completion to be observed.
+    pub max_backlog: Option<u64>,
     /// How long to wait for accepted tasks to finish after the last send.
     pub drain_timeout: Duration,
     /// How completion is observed.
@@ -80,6 +85,8 @@ pub struct RunConfig {
     /// Draw a progress bar on standard error (hidden when it is not a
     /// terminal).
     pub progress: bool,
+    /// Processes (`NAME=PID`) whose CPU time to report per task.
+    pub watch: Vec<String>,
 }
 
 /// Why a run could not start.
@@ -97,6 +104,9 @@ pub enum RunError {
     /// The completion observer could not start.
     #[error(transparent)]
     Observe(#[from] ObserveError),
+    /// A process to watch is not given as `NAME=PID`.
+    #[error(transparent)]
+    Watch(#[from] crate::rss::RssError),
 }
 
 /// Submit-side figures, shared by all senders.
@@ -235,13 +245,23 @@ pub async fn run(config: RunConfig) -> Result<Report, RunError> {
         stats: Mutex::new(SubmitStats::default()),
     });
 
+    let cpu = CpuWatch::start(&config.watch, "loadgen")?;
     let started_at = Utc::now();
     let start = Instant::now();
     let progress = Progress::start(config.progress, planned, shared.clone());
     let deadline = start + config.max_duration;
     match &config.load {
         Load::Closed { count, concurrency } => {
-            closed_loop(&shared, &config.endpoint, *count, *concurrency, deadline).await;
+            let backlog = config.max_backlog.filter(|_| shared.observed);
+            closed_loop(
+                &shared,
+                &config.endpoint,
+                *count,
+                *concurrency,
+                backlog,
+                deadline,
+            )
+            .await;
         }
         Load::Open {
             rate_per_s,
@@ -322,6 +342,11 @@ pub async fn run(config: RunConfig) -> Result<Report, RunError> {
             queue_wait: completion.queue_wait.summary(),
             end_to_end: completion.end_to_end.summary(),
         },
+        cpu: cpu.finish(if shared.observed {
+            completion.finished
+        } else {
+            stats.accepted
+        }),
         last_error: stats.last_error.clone(),
     })
 }
@@ -372,6 +397,7 @@ async fn closed_loop(
     endpoint: &Arc<Endpoint>,
     count: u64,
     concurrency: usize,
+    max_backlog: Option<u64>,
     deadline: Instant,
 ) {
     let remaining = Arc::new(AtomicU64::new(count));
@@ -384,6 +410,12 @@ async fn closed_loop(
         senders.spawn(async move {
             let mut conn: Option<HttpConnection> = None;
             while Instant::now() < deadline {
+                if let Some(limit) = max_backlog {
+                    tokio::select! {
+                        () = shared.tracker.wait_backlog_below(limit) => {}
+                        () = tokio::time::sleep_until(deadline.into()) => break,
+                    }
+                }
                 let n = claim(&remaining, per_request);
                 if n == 0 {
                     break;

@@ -9,13 +9,15 @@
 //!   ClaudeCluster on its own (JetStream publish and pull with acks plus one
 //!   Redis write per message), the ceiling the system is compared with.
 //! - [`summary`] puts one benchmark run's figures side by side with the
-//!   targets; [`rss`] reads the memory of the processes under test.
+//!   targets; [`rss`] and [`cpu`] read the memory and CPU time of the
+//!   processes under test.
 //!
 //! Every tool refuses non-loopback targets unless told otherwise
 //! ([`target`]).
 
 pub mod api;
 pub mod cli;
+pub mod cpu;
 pub mod drive;
 pub mod http;
 pub mod observe;

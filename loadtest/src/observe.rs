@@ -162,6 +162,7 @@ pub struct Completion {
 pub struct Tracker {
     inner: Mutex<Inner>,
     all_done: Notify,
+    finished_one: Notify,
 }
 
 impl Tracker {
@@ -211,6 +212,7 @@ impl Tracker {
                 if inner.all_done() {
                     self.all_done.notify_waiters();
                 }
+                self.finished_one.notify_waiters();
             } else {
                 let early = inner.early.entry(id).or_default();
                 early.finished.get_or_insert((at, state));
@@ -264,6 +266,21 @@ impl Tracker {
                 () = notified => {}
                 () = tokio::time::sleep_until(deadline.into()) => return self.lock().all_done(),
             }
+        }
+    }
+
+    /// Waits until fewer than `limit` registered tasks are unfinished, so a
+    /// closed loop that submits faster than the system finishes does not
+    /// pile up a backlog that outlives the run.
+    pub async fn wait_backlog_below(&self, limit: u64) {
+        loop {
+            let notified = self.finished_one.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if (self.lock().pending.len() as u64) < limit {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -495,6 +512,21 @@ mod tests {
         };
         tracker.observe(a, TaskState::Succeeded, Instant::now());
         assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn backlog_waits_for_a_task_to_finish() {
+        let tracker = Arc::new(Tracker::new());
+        let (a, b) = (id(), id());
+        tracker.register(&[a, b], Instant::now());
+        tracker.wait_backlog_below(3).await;
+        let waiter = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move { tracker.wait_backlog_below(2).await })
+        };
+        tracker.observe(a, TaskState::Succeeded, Instant::now());
+        waiter.await.unwrap();
+        assert_eq!(tracker.progress(), (2, 1));
     }
 
     #[tokio::test]

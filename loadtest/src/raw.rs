@@ -27,6 +27,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::cpu::{CpuUse, CpuWatch};
+
 /// Settings of one raw run.
 #[derive(Debug, Clone)]
 pub struct RawConfig {
@@ -50,6 +52,9 @@ pub struct RawConfig {
     pub double_ack: bool,
     /// Give up after this long.
     pub max_duration: Duration,
+    /// Processes (`NAME=PID`, typically the NATS and Redis servers) whose
+    /// CPU time to report per message.
+    pub watch: Vec<String>,
 }
 
 /// What a raw run measured.
@@ -83,12 +88,15 @@ pub struct RawReport {
     pub end_to_end_secs: f64,
     /// Messages through the whole pipeline per second: the raw limit.
     pub end_to_end_per_s: f64,
+    /// CPU the watched processes and this program used, per message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu: Vec<CpuUse>,
 }
 
 impl RawReport {
     /// Lines for a person.
     pub fn table(&self) -> String {
-        format!(
+        let mut out = format!(
             "raw pipeline (JetStream publish+ack -> pull+ack -> Redis SET): {} of {} messages\n  \
              publish      {:>10.0} msg/s over {:.2} s (window {})\n  \
              end to end   {:>10.0} msg/s over {:.2} s (batch {}, {} pull loops, {} acks)\n  \
@@ -109,8 +117,23 @@ impl RawReport {
             },
             self.message_bytes,
             self.value_bytes,
-        )
+        );
+        if !self.cpu.is_empty() {
+            out.push_str(&format!(
+                "  cpu          µs per message: {}\n",
+                cpu_line(&self.cpu)
+            ));
+        }
+        out
     }
+}
+
+/// `name 12, name 34` for tables.
+pub fn cpu_line(cpu: &[CpuUse]) -> String {
+    cpu.iter()
+        .map(|c| format!("{} {:.1}", c.name, c.us_per_task))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Errors of the raw benchmark.
@@ -125,6 +148,9 @@ pub enum RawError {
     /// A setting is out of range.
     #[error("invalid settings: {0}")]
     Invalid(&'static str),
+    /// A process to watch is not given as `NAME=PID`.
+    #[error(transparent)]
+    Watch(#[from] crate::rss::RssError),
 }
 
 fn nats_err(e: impl std::fmt::Display) -> RawError {
@@ -238,6 +264,7 @@ async fn measure(config: &RawConfig, names: &Names) -> Result<RawReport, RawErro
         ));
     }
 
+    let cpu = CpuWatch::start(&config.watch, "rawbench")?;
     let started_at = Utc::now();
     let start = Instant::now();
     let deadline = start + config.max_duration;
@@ -299,6 +326,7 @@ async fn measure(config: &RawConfig, names: &Names) -> Result<RawReport, RawErro
         publish_per_s: published as f64 / publish_secs.max(1e-9),
         end_to_end_secs,
         end_to_end_per_s: consumed as f64 / end_to_end_secs.max(1e-9),
+        cpu: cpu.finish(consumed),
     })
 }
 
@@ -485,6 +513,33 @@ pub async fn cleanup(
         }
     }
     Ok(cleaned)
+}
+
+/// Waits until the work-queue streams hold no messages (every task taken
+/// and acknowledged) or `timeout` passes; returns the messages left.
+///
+/// # Errors
+/// [`RawError::Nats`] when NATS cannot be reached or a stream read.
+pub async fn wait_drained(
+    nats_url: &str,
+    streams: &[String],
+    timeout: Duration,
+) -> Result<u64, RawError> {
+    let js = jetstream::new(async_nats::connect(nats_url).await.map_err(nats_err)?);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut left = 0;
+        for name in streams {
+            let mut stream = js.get_stream(name).await.map_err(nats_err)?;
+            left += stream.info().await.map_err(nats_err)?.state.messages;
+        }
+        if left == 0 || Instant::now() >= deadline {
+            return Ok(left);
+        }
+        // Polling is fine here: this runs between benchmark steps, where a
+        // tenth of a second is nothing, and a stream has no "empty" event.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn is_not_found(e: &jetstream::context::DeleteStreamError) -> bool {

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::CpuUse;
 use crate::stats::LatencySummary;
 
 /// Everything one run measured.
@@ -32,6 +33,9 @@ pub struct Report {
     pub throughput: Throughput,
     /// Latency percentiles.
     pub latency: Latencies,
+    /// CPU the watched processes (and the generator) used during the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu: Vec<CpuUse>,
     /// The last error seen, if any, to explain non-zero error counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -175,6 +179,13 @@ impl Report {
                 name, s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.p999_ms, s.max_ms, s.mean_ms
             );
         }
+        if !self.cpu.is_empty() {
+            let _ = writeln!(
+                out,
+                "  cpu         µs per finished task: {}",
+                crate::raw::cpu_line(&self.cpu)
+            );
+        }
         if let Some(e) = &self.last_error {
             let _ = writeln!(out, "  last error  {e}");
         }
@@ -208,6 +219,7 @@ mod tests {
             },
             throughput: Throughput::default(),
             latency: Latencies::default(),
+            cpu: Vec::new(),
             last_error: None,
         }
     }

@@ -44,8 +44,8 @@ pub struct BenchInputs {
 pub struct Check {
     /// What is checked.
     pub name: String,
-    /// The figure measured.
-    pub measured: f64,
+    /// The figure measured; none when the run produced no data for it.
+    pub measured: Option<f64>,
     /// The bound.
     pub target: f64,
     /// `>=` or `<=`.
@@ -57,25 +57,25 @@ pub struct Check {
 }
 
 impl Check {
-    fn at_least(name: impl Into<String>, measured: f64, target: f64, unit: &str) -> Self {
+    fn at_least(name: impl Into<String>, measured: Option<f64>, target: f64, unit: &str) -> Self {
         Self {
             name: name.into(),
             measured,
             target,
             relation: ">=".into(),
             unit: unit.into(),
-            pass: measured >= target,
+            pass: measured.is_some_and(|m| m >= target),
         }
     }
 
-    fn at_most(name: impl Into<String>, measured: f64, target: f64, unit: &str) -> Self {
+    fn at_most(name: impl Into<String>, measured: Option<f64>, target: f64, unit: &str) -> Self {
         Self {
             name: name.into(),
             measured,
             target,
             relation: "<=".into(),
             unit: unit.into(),
-            pass: measured <= target,
+            pass: measured.is_some_and(|m| m <= target),
         }
     }
 }
@@ -123,18 +123,20 @@ impl BenchSummary {
             .into_iter()
             .flatten()
         {
+            // A run cut short by its time bound sends fewer than requested;
+            // what was sent must all have succeeded.
             let succeeded = run.tasks.states.get("succeeded").copied().unwrap_or(0);
             checks.push(Check::at_least(
-                format!("{}: tasks succeeded", run.label),
-                succeeded as f64,
-                run.tasks.requested as f64,
+                format!("{}: sent tasks that succeeded", run.label),
+                (run.tasks.sent > 0).then_some(succeeded as f64),
+                run.tasks.sent as f64,
                 "tasks",
             ));
         }
         if let Some(share) = batch_share_of_raw {
             checks.push(Check::at_least(
                 "batch submits, end-to-end share of raw",
-                share * 100.0,
+                Some(share * 100.0),
                 TARGET_BATCH_SHARE_OF_RAW * 100.0,
                 "%",
             ));
@@ -142,22 +144,23 @@ impl BenchSummary {
         if let Some(single) = &inputs.single {
             checks.push(Check::at_least(
                 "single submits, end-to-end throughput",
-                single.throughput.end_to_end_per_s,
+                Some(single.throughput.end_to_end_per_s),
                 TARGET_SINGLE_PER_S,
                 "tasks/s",
             ));
         }
         if let Some(latency) = &inputs.latency {
             let e2e = &latency.latency.end_to_end;
+            let observed = e2e.count > 0;
             checks.push(Check::at_most(
                 "steady rate, end-to-end p50",
-                e2e.p50_ms,
+                observed.then_some(e2e.p50_ms),
                 TARGET_P50_MS,
                 "ms",
             ));
             checks.push(Check::at_most(
                 "steady rate, end-to-end p99",
-                e2e.p99_ms,
+                observed.then_some(e2e.p99_ms),
                 TARGET_P99_MS,
                 "ms",
             ));
@@ -165,7 +168,7 @@ impl BenchSummary {
         for m in &inputs.memory_idle {
             checks.push(Check::at_most(
                 format!("{} RSS idle", m.name),
-                m.rss_mib(),
+                Some(m.rss_mib()),
                 TARGET_IDLE_MIB,
                 "MiB",
             ));
@@ -173,7 +176,7 @@ impl BenchSummary {
         for m in &inputs.memory_load {
             checks.push(Check::at_most(
                 format!("{} peak RSS under load", m.name),
-                m.hwm_mib(),
+                Some(m.hwm_mib()),
                 TARGET_LOAD_MIB,
                 "MiB",
             ));
@@ -201,13 +204,13 @@ impl BenchSummary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<34} {:>12} {:>9} {:>9} {:>9}",
+            "{:<42} {:>10} {:>8} {:>9} {:>9}",
             "run", "tasks/s", "% raw", "p50 ms", "p99 ms"
         );
         if let Some(raw) = &self.raw {
             let _ = writeln!(
                 out,
-                "{:<34} {:>12.0} {:>9} {:>9} {:>9}",
+                "{:<42} {:>10.0} {:>8} {:>9} {:>9}",
                 "raw pipeline (end to end)", raw.end_to_end_per_s, "100.0", "-", "-"
             );
         }
@@ -218,7 +221,7 @@ impl BenchSummary {
             ("steady rate (open loop)", &self.latency),
         ] {
             let Some(run) = run else {
-                let _ = writeln!(out, "{name:<34} {:>12}", "(not run)");
+                let _ = writeln!(out, "{name:<42} {:>10}", "(not run)");
                 continue;
             };
             let rate = run.throughput.end_to_end_per_s;
@@ -228,7 +231,7 @@ impl BenchSummary {
             let e2e = &run.latency.end_to_end;
             let _ = writeln!(
                 out,
-                "{:<34} {:>12.0} {:>9} {:>9.3} {:>9.3}",
+                "{:<42} {:>10.0} {:>8} {:>9.3} {:>9.3}",
                 format!("{name} [{}]", run.api),
                 rate,
                 share,
@@ -250,21 +253,46 @@ impl BenchSummary {
                     .map_or("-".to_owned(), |m| format!("{:.1}", m.hwm_mib()));
                 let _ = writeln!(
                     out,
-                    "{:<34} {:>12.1} {:>12}",
+                    "{:<42} {:>10.1} {:>10}",
                     idle.name,
                     idle.rss_mib(),
                     peak
                 );
             }
         }
+        let cpu_runs = [
+            ("raw pipeline", self.raw.as_ref().map(|r| &r.cpu)),
+            ("single submits", self.single.as_ref().map(|r| &r.cpu)),
+            ("batch submits", self.batch.as_ref().map(|r| &r.cpu)),
+            ("steady rate", self.latency.as_ref().map(|r| &r.cpu)),
+        ];
+        if cpu_runs
+            .iter()
+            .any(|(_, c)| c.is_some_and(|c| !c.is_empty()))
+        {
+            let _ = writeln!(out, "\nCPU µs per task (per message for raw)");
+            for (name, cpu) in cpu_runs {
+                if let Some(cpu) = cpu.filter(|c| !c.is_empty()) {
+                    let total: f64 = cpu.iter().map(|c| c.us_per_task).sum();
+                    let _ = writeln!(
+                        out,
+                        "  {name:<16} total {total:>7.1}: {}",
+                        crate::raw::cpu_line(cpu)
+                    );
+                }
+            }
+        }
         let _ = writeln!(out, "\ntargets");
         for c in &self.checks {
+            let measured = c
+                .measured
+                .map_or_else(|| "no data".to_owned(), |m| format!("{m:.2}"));
             let _ = writeln!(
                 out,
-                "  [{}] {:<44} {:>10.2} {} {:>8.2} {}",
+                "  [{}] {:<44} {:>10} {} {:>8.2} {}",
                 if c.pass { "pass" } else { "MISS" },
                 c.name,
-                c.measured,
+                measured,
                 c.relation,
                 c.target,
                 c.unit
@@ -304,8 +332,10 @@ mod tests {
                 ..Throughput::default()
             },
             latency: Default::default(),
+            cpu: Vec::new(),
             last_error: None,
         };
+        r.latency.end_to_end.count = 10;
         r.latency.end_to_end.p50_ms = p50;
         r.latency.end_to_end.p99_ms = p99;
         r
@@ -327,6 +357,7 @@ mod tests {
             publish_per_s: rate,
             end_to_end_secs: 1.0,
             end_to_end_per_s: rate,
+            cpu: Vec::new(),
         }
     }
 
@@ -374,6 +405,23 @@ mod tests {
             ]
         );
         assert!(missed.table().contains("(not run)"));
+    }
+
+    #[test]
+    fn a_run_without_data_misses_its_targets() {
+        let mut steady = run("steady", 0.0, 0.0, 0.0);
+        steady.latency.end_to_end.count = 0;
+        steady.tasks.states.clear();
+        let summary = BenchSummary::new(BenchInputs {
+            latency: Some(steady),
+            ..BenchInputs::default()
+        });
+        assert!(
+            summary.checks.iter().all(|c| !c.pass),
+            "{}",
+            summary.table()
+        );
+        assert!(summary.table().contains("no data"));
     }
 
     #[test]

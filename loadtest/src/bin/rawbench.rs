@@ -62,12 +62,26 @@ enum Command {
         /// Give up after this long.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         max_duration: Duration,
+        /// Report the CPU time of this process per message, as NAME=PID;
+        /// repeat for several.
+        #[arg(long = "watch-pid")]
+        watch: Vec<String>,
         /// Name of the stream and key prefix (default: a unique one).
         #[arg(long)]
         name: Option<String>,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Waits until work-queue streams are empty (every message acked);
+    /// exits 1 if some are left after the timeout.
+    WaitDrained {
+        /// A stream to watch; repeat for several.
+        #[arg(long = "stream", required = true)]
+        streams: Vec<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Deletes streams and every key under the given prefixes.
     Cleanup {
@@ -91,6 +105,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             consumers,
             double_ack,
             max_duration,
+            watch,
             name,
             json,
         } => {
@@ -108,6 +123,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 consumers,
                 double_ack,
                 max_duration,
+                watch,
             };
             let report = raw::run(&config)
                 .await
@@ -115,6 +131,14 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             print!("{}", report.table());
             if let Some(path) = json {
                 write_json(&path, &report)?;
+            }
+        }
+        Command::WaitDrained { streams, timeout } => {
+            let left = raw::wait_drained(&cli.nats_url, &streams, timeout)
+                .await
+                .context("cannot read the streams")?;
+            if left > 0 {
+                anyhow::bail!("{left} message(s) still queued after {timeout:?}");
             }
         }
         Command::Cleanup {

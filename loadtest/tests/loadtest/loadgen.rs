@@ -14,7 +14,13 @@ use claudecluster_loadtest::report::Report;
 
 use crate::helpers::{TestSystem, spawn_system};
 
-async fn run(system: &TestSystem, api: SubmitApi, load: Load, observe: ObserveMode) -> Report {
+async fn run(
+    system: &TestSystem,
+    api: SubmitApi,
+    load: Load,
+    observe: ObserveMode,
+    max_backlog: Option<u64>,
+) -> Report {
     let config = RunConfig {
         label: "smoke".into(),
         endpoint: Arc::new(Endpoint::resolve(&system.url).await.unwrap()),
@@ -26,9 +32,11 @@ async fn run(system: &TestSystem, api: SubmitApi, load: Load, observe: ObserveMo
         },
         load,
         max_duration: Duration::from_secs(60),
+        max_backlog,
         drain_timeout: Duration::from_secs(60),
         observe,
         progress: false,
+        watch: Vec::new(),
     };
     drive::run(config).await.unwrap()
 }
@@ -59,6 +67,7 @@ async fn closed_loop_single_submits_all_succeed() {
             concurrency: 8,
         },
         redis(&system),
+        None,
     )
     .await;
     assert_all_succeeded(&report, 200);
@@ -79,6 +88,9 @@ async fn closed_loop_batch_submits_all_succeed() {
             concurrency: 2,
         },
         redis(&system),
+        // Smaller than two batches: senders take turns waiting for the
+        // workers, and every task still gets through.
+        Some(40),
     )
     .await;
     assert_all_succeeded(&report, 250);
@@ -98,6 +110,7 @@ async fn open_loop_observed_over_http_all_succeed() {
             max_in_flight: 64,
         },
         ObserveMode::Http,
+        None,
     )
     .await;
     assert_all_succeeded(&report, 200);
@@ -123,9 +136,11 @@ async fn an_unreachable_intake_is_an_error_not_a_report() {
             concurrency: 1,
         },
         max_duration: Duration::from_secs(5),
+        max_backlog: None,
         drain_timeout: Duration::from_secs(1),
         observe: ObserveMode::None,
         progress: false,
+        watch: Vec::new(),
     };
     assert!(matches!(
         drive::run(config).await,

@@ -18,6 +18,7 @@ fn config(name: &str, double_ack: bool) -> RawConfig {
         consumers: 2,
         double_ack,
         max_duration: Duration::from_secs(60),
+        watch: Vec::new(),
     }
 }
 
@@ -62,6 +63,45 @@ async fn confirmed_acks_move_every_message_too() {
     assert_eq!(report.consumed, 3_000);
     assert!(report.double_ack);
     assert_nothing_left(&name).await;
+}
+
+#[tokio::test]
+async fn a_stream_with_messages_is_not_drained() {
+    let name = unique_name("CCRAWTEST");
+    let js = async_nats::jetstream::new(async_nats::connect(services::nats_url()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{name}.x")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        raw::wait_drained(
+            &services::nats_url(),
+            std::slice::from_ref(&name),
+            Duration::ZERO
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    js.publish(format!("{name}.x"), "one".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let left = raw::wait_drained(
+        &services::nats_url(),
+        std::slice::from_ref(&name),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    raw::cleanup(&services::nats_url(), &services::redis_url(), &[name], &[])
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
 }
 
 #[tokio::test]
