@@ -53,10 +53,6 @@ pub const DEAD_LETTERED_AT_HEADER: &str = "ClaudeCluster-Dead-Lettered-At";
 /// How long `health` waits for JetStream to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Least time between two attempts to recreate missing streams or
-/// consumers, so a fleet of workers does not hammer a broken server.
-const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
-
 /// One band's subject and durable consumer.
 #[derive(Debug)]
 struct Lane {
@@ -75,8 +71,9 @@ pub struct JetStreamBroker {
     tasks: Stream,
     dead_letters: Stream,
     definitions: Definitions,
-    /// When missing resources were last recreated; held across the repair
-    /// so concurrent callers wait for one repair instead of each running one.
+    /// When the last repair of missing resources started; held across the
+    /// repair so concurrent callers wait for one repair instead of each
+    /// running one.
     last_repair: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -151,15 +148,16 @@ impl JetStreamBroker {
 
     /// Recreates the streams and consumers when they have gone missing (a
     /// server that restarted without its storage, a stream deleted by
-    /// mistake). Returns `false` without doing anything when a repair ran
-    /// moments ago.
+    /// mistake), unless a repair has started since the caller saw them
+    /// missing at `noticed`: one repair serves every call that failed before
+    /// it, so a batch of failed publishes costs one repair, not one each.
     ///
     /// # Errors
     /// When they cannot be recreated.
-    async fn repair(&self) -> Result<bool, BrokerError> {
+    async fn repair(&self, noticed: Instant) -> Result<(), BrokerError> {
         let mut last = self.last_repair.lock().await;
-        if last.is_some_and(|at| at.elapsed() < REPAIR_INTERVAL) {
-            return Ok(false);
+        if last.is_some_and(|started| started > noticed) {
+            return Ok(());
         }
         *last = Some(Instant::now());
         tracing::warn!(stream = %self.settings.stream, "JetStream resources missing; recreating them");
@@ -168,7 +166,7 @@ impl JetStreamBroker {
         for (_, config) in &self.definitions.consumers {
             setup::ensure_consumer(&tasks, config).await?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Publishes and waits for the stream's confirmation, within the
@@ -207,14 +205,16 @@ impl JetStreamBroker {
             })
     }
 
-    /// [`Self::send_confirmed`], recreating a missing stream once.
+    /// [`Self::send_confirmed`], recreating a missing stream and trying
+    /// once more.
     async fn publish_repairing(
         &self,
         subject: String,
         message: PublishMessage,
     ) -> Result<PublishAck, BrokerError> {
         match self.send_confirmed(subject.clone(), message.clone()).await {
-            Err(PublishFailure::NoStream) if self.repair().await? => {
+            Err(PublishFailure::NoStream) => {
+                self.repair(Instant::now()).await?;
                 Ok(self.send_confirmed(subject, message).await?)
             }
             other => Ok(other?),

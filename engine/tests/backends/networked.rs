@@ -284,6 +284,18 @@ async fn a_publisher_recreates_a_deleted_stream() {
     let batch = take(fixture.backends.consumer.as_ref(), 1, 1).await;
     assert_eq!(crate::harness::id_of(&batch[0]), msg.id);
     crate::harness::ack_all(&batch).await;
+
+    // A whole batch arriving at a missing stream: one repair, every
+    // message stored.
+    js.delete_stream(&fixture.settings.nats.stream)
+        .await
+        .unwrap();
+    let msgs: Vec<_> = (0..50).map(|_| message(5)).collect();
+    let results = fixture.backends.publisher.publish_batch(&msgs).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let batch = take(fixture.backends.consumer.as_ref(), 50, 50).await;
+    crate::harness::distinct_ids(&batch);
+    crate::harness::ack_all(&batch).await;
     fixture.cleanup().await;
 }
 

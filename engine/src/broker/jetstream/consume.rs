@@ -14,7 +14,7 @@
 //! already pulled but not handed out are unacknowledged, and JetStream
 //! delivers them again after `ack_wait`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::StatusCode;
 use async_nats::jetstream::consumer::pull::BatchConfig;
@@ -272,14 +272,13 @@ impl JetStreamBroker {
         }
     }
 
-    /// [`Self::take_available`]; a missing consumer is recreated (at most
-    /// every couple of seconds) and the error still goes back, so the
-    /// caller backs off and tries again.
+    /// [`Self::take_available`]; a missing consumer is recreated and the
+    /// error still goes back, so the caller backs off and tries again.
     async fn pull_or_repair(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         match self.take_available(max).await {
             Ok(batch) => Ok(batch),
             Err(PullError::Missing(e)) => {
-                if let Err(repair) = self.repair().await {
+                if let Err(repair) = self.repair(Instant::now()).await {
                     tracing::warn!(error = %repair, "cannot recreate JetStream resources");
                 }
                 Err(e)
