@@ -324,6 +324,9 @@ async fn a_worker_reports_and_recreates_deleted_consumers() {
 async fn a_saturated_band_does_not_block_the_others() {
     let mut settings = networked_settings();
     settings.nats.max_ack_pending = 3;
+    // Held tasks must not come back while the test holds them (the short
+    // default lease is about as long as a silent pull takes).
+    settings.nats.ack_wait_ms = 60_000;
     let _cleanup = Cleanup(settings.clone());
     let b = backend::connect_networked(&settings).await.unwrap();
     let urgent: Vec<_> = (0..5).map(|_| message(10)).collect();
