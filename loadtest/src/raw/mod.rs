@@ -29,6 +29,10 @@ use tokio::sync::Notify;
 
 use crate::cpu::{CpuUse, CpuWatch};
 
+mod admin;
+
+pub use admin::{Cleaned, cleanup, wait_drained};
+
 /// Settings of one raw run.
 #[derive(Debug, Clone)]
 pub struct RawConfig {
@@ -466,132 +470,6 @@ fn payloads() -> (Bytes, Bytes) {
     (Bytes::from(message), Bytes::from(value))
 }
 
-/// What [`cleanup`] removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct Cleaned {
-    /// Streams deleted.
-    pub streams: usize,
-    /// Redis keys deleted.
-    pub keys: u64,
-}
-
-/// Deletes JetStream streams (those that exist) and every Redis key under
-/// the given prefixes. Used after each raw run and by the benchmark script
-/// after the system's own run.
-///
-/// # Errors
-/// [`RawError`] when a service is unreachable or refuses a deletion.
-pub async fn cleanup(
-    nats_url: &str,
-    redis_url: &str,
-    streams: &[String],
-    key_prefixes: &[String],
-) -> Result<Cleaned, RawError> {
-    let mut cleaned = Cleaned::default();
-    if !streams.is_empty() {
-        let js = jetstream::new(async_nats::connect(nats_url).await.map_err(nats_err)?);
-        for name in streams {
-            match js.delete_stream(name).await {
-                Ok(_) => cleaned.streams += 1,
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(nats_err(e)),
-            }
-        }
-    }
-    if !key_prefixes.is_empty() {
-        let mut conn = redis::Client::open(redis_url)?
-            .get_multiplexed_async_connection()
-            .await?;
-        for prefix in key_prefixes {
-            if prefix.is_empty() {
-                // An empty prefix would match every key on the server.
-                return Err(RawError::Invalid(
-                    "refusing to delete keys with an empty prefix",
-                ));
-            }
-            cleaned.keys += delete_prefix(&mut conn, prefix).await?;
-        }
-    }
-    Ok(cleaned)
-}
-
-/// Waits until the work-queue streams hold no messages (every task taken
-/// and acknowledged) or `timeout` passes; returns the messages left.
-///
-/// # Errors
-/// [`RawError::Nats`] when NATS cannot be reached or a stream read.
-pub async fn wait_drained(
-    nats_url: &str,
-    streams: &[String],
-    timeout: Duration,
-) -> Result<u64, RawError> {
-    let js = jetstream::new(async_nats::connect(nats_url).await.map_err(nats_err)?);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut left = 0;
-        for name in streams {
-            let mut stream = js.get_stream(name).await.map_err(nats_err)?;
-            left += stream.info().await.map_err(nats_err)?.state.messages;
-        }
-        if left == 0 || Instant::now() >= deadline {
-            return Ok(left);
-        }
-        // Polling is fine here: this runs between benchmark steps, where a
-        // tenth of a second is nothing, and a stream has no "empty" event.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn is_not_found(e: &jetstream::context::DeleteStreamError) -> bool {
-    matches!(
-        e.kind(),
-        jetstream::context::DeleteStreamErrorKind::JetStream(err)
-            if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-    )
-}
-
-/// `SCAN` + `UNLINK` of every key starting with `prefix`.
-async fn delete_prefix(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> Result<u64, RawError> {
-    let pattern = format!("{}*", escape_glob(prefix));
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(2000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            deleted += redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<u64>(conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
-}
-
-/// Escapes glob characters so a prefix matches only itself.
-fn escape_glob(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len());
-    for c in prefix.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,10 +482,5 @@ mod tests {
         let record: TaskRecord = serde_json::from_slice(&value).unwrap();
         assert_eq!(record.state, TaskState::Succeeded);
         assert!(value.len() > message.len());
-    }
-
-    #[test]
-    fn glob_characters_are_escaped() {
-        assert_eq!(escape_glob("run:a*b?[c]"), r"run:a\*b\?\[c\]");
     }
 }
