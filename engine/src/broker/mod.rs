@@ -124,8 +124,10 @@ pub trait TaskPublisher: Send + Sync + 'static {
 /// Acknowledges one delivery.
 #[async_trait]
 pub trait Acker: Send + Sync + 'static {
-    /// Sends the acknowledgement. `Ack` and `Term` wait for the broker's
-    /// confirmation where the broker offers one.
+    /// Sends the acknowledgement. `Term` waits for the broker's confirmation
+    /// where the broker offers one; `Ack` need not, because the worker has
+    /// written the final record first and a redelivery of a finished task is
+    /// answered from the store without running it again.
     ///
     /// # Errors
     /// When the broker could not be told; the delivery will then come back

@@ -109,9 +109,14 @@ struct JetStreamAcker(jetstream::message::Acker);
 impl Acker for JetStreamAcker {
     async fn ack(&self, kind: AckKind) -> Result<(), BrokerError> {
         let result = match kind {
-            // Acks and terms are confirmed by the server (double ack) so the
-            // caller knows the message will not come back.
-            AckKind::Ack => self.0.double_ack_with(JsAckKind::Ack).await,
+            // Plain acks: the worker writes the final record before it acks,
+            // so an ack lost on the way costs one redelivery that the store
+            // answers with "already final", never a second run. Waiting for
+            // the server's confirmation would hold the task's permit for
+            // another round trip on every task.
+            // Terms stay confirmed: they are rare, and a lost one would put
+            // a second copy of a poison message on the dead-letter stream.
+            AckKind::Ack => self.0.ack_with(JsAckKind::Ack).await,
             AckKind::Term => self.0.double_ack_with(JsAckKind::Term).await,
             AckKind::Nak(delay) => self.0.ack_with(JsAckKind::Nak(delay)).await,
             AckKind::Progress => self.0.ack_with(JsAckKind::Progress).await,
