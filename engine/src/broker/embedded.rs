@@ -29,7 +29,7 @@ use tracing::instrument;
 
 use super::{
     AckKind, Acker, BrokerError, DeadLetter, DeadLetterStore, Delivery, PriorityBand, TaskConsumer,
-    TaskPublisher,
+    TaskPublisher, one_line_reason,
 };
 use crate::config::NatsSettings;
 use crate::embedded::lanes::{Lanes, Lease};
@@ -354,31 +354,6 @@ fn read_bodies(
     seqs.iter()
         .map(|&seq| Ok(payloads.get(seq)?.map(|v| v.value().to_vec())))
         .collect()
-}
-
-/// Longest reason kept, in bytes; the same bound as the JetStream header.
-const MAX_REASON_BYTES: usize = 1024;
-
-/// A reason as the JetStream backend keeps it (one header line): control
-/// characters become spaces, the length is bounded, and an empty reason is
-/// `unspecified`, so operators see the same text on either backend.
-fn one_line_reason(reason: &str) -> String {
-    let mut out: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if out.len() > MAX_REASON_BYTES {
-        let mut cut = MAX_REASON_BYTES;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-    }
-    if out.trim().is_empty() {
-        "unspecified".into()
-    } else {
-        out
-    }
 }
 
 /// Stores the delivery counts of leased messages that are still queued.

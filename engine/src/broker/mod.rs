@@ -26,6 +26,32 @@ use crate::task::{TaskId, TaskMessage};
 /// dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "ClaudeCluster-Dead-Letter-Reason";
 
+/// Longest dead-letter reason kept, in bytes (it travels as a header line).
+pub(crate) const MAX_REASON_BYTES: usize = 1024;
+
+/// A dead-letter reason as every backend keeps it: one line (control
+/// characters become spaces), at most [`MAX_REASON_BYTES`], and
+/// `unspecified` when empty, so operators see the same text on either
+/// backend.
+pub(crate) fn one_line_reason(reason: &str) -> String {
+    let mut out: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX_REASON_BYTES {
+        let mut cut = MAX_REASON_BYTES;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    if out.trim().is_empty() {
+        "unspecified".into()
+    } else {
+        out
+    }
+}
+
 /// The three lanes tasks travel in. Bands rather than ten lanes keep the
 /// number of empty polls per pull small while still letting urgent work
 /// overtake a backlog.

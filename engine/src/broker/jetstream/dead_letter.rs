@@ -14,31 +14,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tracing::instrument;
 
 use super::{DEAD_LETTERED_AT_HEADER, JetStreamBroker, TASK_ID_HEADER, unavailable};
-use crate::broker::{BrokerError, DEAD_LETTER_REASON_HEADER, DeadLetter, DeadLetterStore};
+use crate::broker::{
+    BrokerError, DEAD_LETTER_REASON_HEADER, DeadLetter, DeadLetterStore, one_line_reason,
+};
 use crate::task::TaskId;
-
-/// Longest reason kept in the header, in bytes.
-const MAX_REASON_BYTES: usize = 1024;
-
-/// A reason fit for a header: one line, bounded.
-fn header_reason(reason: &str) -> String {
-    let mut out: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if out.len() > MAX_REASON_BYTES {
-        let mut cut = MAX_REASON_BYTES;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-    }
-    if out.trim().is_empty() {
-        "unspecified".into()
-    } else {
-        out
-    }
-}
 
 impl JetStreamBroker {
     fn dead_letter_filter(&self, task_id: Option<TaskId>) -> String {
@@ -63,7 +42,7 @@ impl JetStreamBroker {
             task_id.map_or_else(|| "unparsed".to_owned(), |id| id.to_string())
         );
         let mut headers = HeaderMap::new();
-        headers.insert(DEAD_LETTER_REASON_HEADER, header_reason(reason).as_str());
+        headers.insert(DEAD_LETTER_REASON_HEADER, one_line_reason(reason).as_str());
         headers.insert(
             DEAD_LETTERED_AT_HEADER,
             Utc::now()
@@ -174,11 +153,11 @@ mod tests {
 
     #[test]
     fn reasons_become_one_bounded_header_line() {
-        assert_eq!(header_reason("bad\r\njson"), "bad  json");
-        assert_eq!(header_reason(" \n"), "unspecified");
+        assert_eq!(one_line_reason("bad\r\njson"), "bad  json");
+        assert_eq!(one_line_reason(" \n"), "unspecified");
         let long = "é".repeat(2000);
-        let cut = header_reason(&long);
-        assert!(cut.len() <= MAX_REASON_BYTES);
+        let cut = one_line_reason(&long);
+        assert!(cut.len() <= crate::broker::MAX_REASON_BYTES);
         assert!(cut.chars().all(|c| c == 'é'));
     }
 }
