@@ -80,16 +80,6 @@ pub enum ApiError {
     /// The task has already reached a final state (409 `already_final`).
     #[error("task {} is already {}", .0.id, .0.state)]
     AlreadyFinal(Box<TaskRecord>),
-    /// A replay of a dead letter would be dropped by the queue's duplicate
-    /// window (409 `replay_too_soon`).
-    #[error(
-        "the queue still remembers this task id and would drop the replay as a duplicate; \
-         retry in {retry_after_secs} s"
-    )]
-    ReplayTooSoon {
-        /// When to try again.
-        retry_after_secs: u64,
-    },
     /// A dead letter whose payload is not a valid task message (422
     /// `unreplayable`).
     #[error("{0}")]
@@ -132,7 +122,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::AlreadyFinal(_) | ApiError::ReplayTooSoon { .. } => StatusCode::CONFLICT,
+            ApiError::AlreadyFinal(_) => StatusCode::CONFLICT,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded
             | ApiError::Unavailable(_)
@@ -153,7 +143,6 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::AlreadyFinal(_) => "already_final",
-            ApiError::ReplayTooSoon { .. } => "replay_too_soon",
             ApiError::Unreplayable(_) => "unreplayable",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::Overloaded => "overloaded",
@@ -182,7 +171,6 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::PartiallyAccepted { .. } => {
                 Some(RETRY_AFTER_UNAVAILABLE_SECS)
             }
-            ApiError::ReplayTooSoon { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -303,10 +291,6 @@ impl From<ServiceError> for ApiError {
                 "cursor",
                 "is not a cursor this API issued (or it has expired)",
             ),
-            ServiceError::ReplayTooSoon { retry_after } => ApiError::ReplayTooSoon {
-                // Round up so a client that waits exactly this long is safe.
-                retry_after_secs: retry_after.as_millis().div_ceil(1000).max(1) as u64,
-            },
             ServiceError::Unreplayable { seq, reason } => {
                 ApiError::Unreplayable(format!("dead letter {seq} cannot be replayed: {reason}"))
             }
@@ -397,15 +381,5 @@ mod tests {
         let (status, _, body) = body_of(err).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!body.to_string().contains("secret-key-name"), "{body}");
-    }
-
-    #[tokio::test]
-    async fn replay_too_soon_rounds_retry_after_up() {
-        let err = ApiError::from(ServiceError::ReplayTooSoon {
-            retry_after: std::time::Duration::from_millis(1500),
-        });
-        let (status, retry, _) = body_of(err).await;
-        assert_eq!(status, StatusCode::CONFLICT);
-        assert_eq!(retry.as_deref(), Some("2"));
     }
 }

@@ -21,6 +21,7 @@ crate::on_both_backends!(
     two_pools_share_the_work_once_each,
     command_failure_is_recorded,
     a_retried_submit_publishes_a_task_whose_first_publish_was_lost,
+    a_dead_letter_is_replayed_right_after_its_first_publish,
 );
 
 async fn submit_and_poll_to_succeeded(kind: BackendKind) {
@@ -346,5 +347,55 @@ async fn a_retried_submit_publishes_a_task_whose_first_publish_was_lost(kind: Ba
     let done = cluster.wait_final(&msg.id.to_string(), WAIT).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 1);
+    cluster.stop().await;
+}
+
+async fn a_dead_letter_is_replayed_right_after_its_first_publish(kind: BackendKind) {
+    let cluster = TestCluster::start(kind, |_| {}).await;
+    let id = cluster.submit_prompt("replay me soon").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = cluster.wait_final(&id, WAIT).await;
+    assert_eq!(first["state"], "succeeded");
+    // An operator puts the task's message on the dead letters, seconds after
+    // its first publish, well inside the broker's duplicate window.
+    let msg = claudecluster_engine::TaskRecord::to_message(
+        &cluster
+            .backends
+            .store
+            .get(id.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let payload = bytes::Bytes::from(serde_json::to_vec(&msg).unwrap());
+    cluster
+        .backends
+        .consumer
+        .dead_letter(Some(msg.id), &payload, "operator test")
+        .await
+        .unwrap();
+    let (status, page) = cluster
+        .send(
+            cluster
+                .http
+                .get(format!("{}/dead-letters?task_id={id}", cluster.base_url)),
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let seq = page["dead_letters"][0]["seq"].as_u64().unwrap();
+
+    let (status, body) = cluster
+        .send(
+            cluster
+                .http
+                .post(format!("{}/dead-letters/{seq}/replay", cluster.base_url)),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let done = cluster.wait_final(&id, WAIT).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "the replay ran the task again: {done}");
     cluster.stop().await;
 }

@@ -129,7 +129,13 @@ impl EmbeddedQueue {
 
     /// Stores `msgs` in one transaction; `Some(seq)` for each one stored,
     /// `None` for a duplicate.
-    async fn store(&self, msgs: &[TaskMessage]) -> Result<Vec<Option<u64>>, BrokerError> {
+    /// A replay (`honour_duplicates` false) is stored even inside the
+    /// duplicate window of its task's first publish.
+    async fn store(
+        &self,
+        msgs: &[TaskMessage],
+        honour_duplicates: bool,
+    ) -> Result<Vec<Option<u64>>, BrokerError> {
         let items = msgs
             .iter()
             .map(|msg| {
@@ -146,7 +152,7 @@ impl EmbeddedQueue {
         let stored = self
             .inner
             .db
-            .write(move |t| publish_op(t, &items, window_ms))
+            .write(move |t| publish_op(t, &items, window_ms, honour_duplicates))
             .await
             .map_err(|e| BrokerError::NotConfirmed(e.to_string()))?;
         let mut lanes = self.inner.lanes();
@@ -170,17 +176,19 @@ impl Inner {
     }
 }
 
-/// Writes new messages, dropping ids published within the duplicate window.
+/// Writes new messages, dropping ids published within the duplicate window
+/// unless `honour_duplicates` is false (a replay).
 fn publish_op(
     t: &mut Tables<'_>,
     items: &[(u128, u8, Vec<u8>)],
     window_ms: u64,
+    honour_duplicates: bool,
 ) -> Result<Vec<Option<u64>>, redb::Error> {
     let now = tables::now_ms();
     let mut stored = Vec::with_capacity(items.len());
     for (id, band, body) in items {
         let seen = t.dedup.get(*id)?.map(|v| v.value());
-        if seen.is_some_and(|expires| expires > now) {
+        if honour_duplicates && seen.is_some_and(|expires| expires > now) {
             stored.push(None);
             continue;
         }
@@ -224,11 +232,16 @@ impl Drop for Taken<'_> {
 impl TaskPublisher for EmbeddedQueue {
     #[instrument(skip_all, fields(task_id = %msg.id))]
     async fn publish(&self, msg: &TaskMessage) -> Result<(), BrokerError> {
-        self.store(std::slice::from_ref(msg)).await.map(drop)
+        self.store(std::slice::from_ref(msg), true).await.map(drop)
+    }
+
+    #[instrument(skip_all, fields(task_id = %msg.id))]
+    async fn republish(&self, msg: &TaskMessage, _replay_id: &str) -> Result<(), BrokerError> {
+        self.store(std::slice::from_ref(msg), false).await.map(drop)
     }
 
     async fn publish_batch(&self, msgs: &[TaskMessage]) -> Vec<Result<(), BrokerError>> {
-        match self.store(msgs).await {
+        match self.store(msgs, true).await {
             Ok(_) => msgs.iter().map(|_| Ok(())).collect(),
             Err(e) => {
                 let reason = e.to_string();

@@ -130,6 +130,18 @@ pub trait TaskPublisher: Send + Sync + 'static {
     /// [`BrokerError::NotConfirmed`] when the broker did not confirm.
     async fn publish(&self, msg: &TaskMessage) -> Result<(), BrokerError>;
 
+    /// Publishes a task again for a replay from the dead letters, under the
+    /// broker message id `replay_id` instead of the task id, so the duplicate
+    /// window of the first publish does not drop it. The default publishes
+    /// normally, for publishers without a duplicate window.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotConfirmed`] when the broker did not confirm.
+    async fn republish(&self, msg: &TaskMessage, replay_id: &str) -> Result<(), BrokerError> {
+        let _ = replay_id;
+        self.publish(msg).await
+    }
+
     /// Publishes many tasks, pipelined: all are sent, then all confirmations
     /// are awaited together. The result has one entry per message, in order.
     async fn publish_batch(&self, msgs: &[TaskMessage]) -> Vec<Result<(), BrokerError>>;

@@ -258,7 +258,6 @@ pub fn document() -> Value {
                     "responses": {
                         "202": json_body("Reopened and enqueued; the dead letter is deleted.", reference("Replayed")),
                         "404": error("No such dead letter."),
-                        "409": error("Inside the broker's duplicate window the replay would be dropped (`replay_too_soon`); retry after Retry-After seconds."),
                         "422": error("The payload is not a valid task message (`unreplayable`)."),
                         "503": unavailable()
                     }

@@ -2,16 +2,12 @@
 //!
 //! A replay reopens the task's record (`queued`, result and error cleared,
 //! attempt history kept), publishes the original message again and then
-//! deletes the dead letter. The broker drops a publish whose task id it saw
-//! within its duplicate window (`nats.duplicate_window_ms`, also honoured by
-//! the embedded queue), and [`TaskPublisher`] always uses the task id as the
-//! message id. So a replay inside that window would be acknowledged and then
-//! silently dropped, leaving a `queued` record with nothing on the queue: it
-//! is refused with [`ServiceError::ReplayTooSoon`] and a retry time instead.
+//! deletes the dead letter. It publishes under a message id of its own
+//! (`<task id>.replay.<seq>`, see [`TaskPublisher::republish`]): the broker's
+//! duplicate window remembers the task id of the first publish and would
+//! otherwise drop a replay made soon after it.
 //!
-//! [`TaskPublisher`]: claudecluster_engine::broker::TaskPublisher
-
-use std::time::Duration;
+//! [`TaskPublisher::republish`]: claudecluster_engine::broker::TaskPublisher::republish
 
 use chrono::{DateTime, Utc};
 use claudecluster_engine::broker::DeadLetter;
@@ -91,7 +87,6 @@ impl TaskService {
     /// # Errors
     /// [`ServiceError::DeadLetterNotFound`], [`ServiceError::Unreplayable`]
     /// when the payload is not a valid task message,
-    /// [`ServiceError::ReplayTooSoon`] inside the duplicate window,
     /// [`ServiceError::Publish`] when the queue did not confirm (the dead
     /// letter is kept, so the replay can simply be retried), or a backend
     /// failure.
@@ -111,16 +106,6 @@ impl TaskService {
         tracing::Span::current().record("task_id", tracing::field::display(msg.id));
 
         let now = Utc::now();
-        let window = Duration::from_millis(self.settings.nats.duplicate_window_ms);
-        // The original publish happened right after `created_at` (the intake
-        // stamps it just before publishing).
-        let age = (now - msg.created_at).to_std().unwrap_or_default();
-        if age < window {
-            return Err(ServiceError::ReplayTooSoon {
-                retry_after: window - age,
-            });
-        }
-
         let this = self.clone();
         super::detached(async move { this.reenqueue(seq, msg, now).await }).await
     }
@@ -133,7 +118,12 @@ impl TaskService {
         now: DateTime<Utc>,
     ) -> Result<Replayed, ServiceError> {
         let task = self.backends.store.reopen(&msg, now).await?;
-        self.publish(&msg).await.map_err(ServiceError::Publish)?;
+        let replay_id = format!("{}.replay.{seq}", msg.id);
+        self.backends
+            .publisher
+            .republish(&msg, &replay_id)
+            .await
+            .map_err(ServiceError::Publish)?;
         let dead_letter_removed = match self.backends.dead_letters.delete(seq).await {
             Ok(removed) => removed,
             Err(e) => {

@@ -63,12 +63,6 @@ pub enum ServiceError {
     /// A list cursor the store did not issue.
     #[error("invalid cursor")]
     InvalidCursor,
-    /// The queue would drop a replay as a duplicate of the original publish.
-    #[error("replay would be dropped as a duplicate; retry in {retry_after:?}")]
-    ReplayTooSoon {
-        /// How long until the original publish leaves the duplicate window.
-        retry_after: Duration,
-    },
     /// A dead letter whose payload is not a valid task message.
     #[error("dead letter {seq} cannot be replayed: {reason}")]
     Unreplayable {

@@ -23,12 +23,17 @@ const PIPELINE_WINDOW: usize = 512;
 
 impl JetStreamBroker {
     /// The subject and message (body and headers) for a task.
-    fn outbound(&self, msg: &TaskMessage) -> Result<(String, PublishMessage), BrokerError> {
+    /// `message_id` is the `Nats-Msg-Id` (the task id, except for replays).
+    fn outbound(
+        &self,
+        msg: &TaskMessage,
+        message_id: Option<&str>,
+    ) -> Result<(String, PublishMessage), BrokerError> {
         let body = serde_json::to_vec(msg)
             .map_err(|e| BrokerError::Other(format!("cannot encode task {}: {e}", msg.id)))?;
         let id = msg.id.to_string();
         let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, id.as_str());
+        headers.insert(NATS_MESSAGE_ID, message_id.unwrap_or(id.as_str()));
         headers.insert(TASK_ID_HEADER, id.as_str());
         if let Some(trace) = &msg.trace {
             if let Some(tp) = trace.traceparent.as_deref().filter(|v| header_safe(v)) {
@@ -48,8 +53,12 @@ impl JetStreamBroker {
     }
 
     /// Publishes one task and waits for the stream to confirm it.
-    async fn publish_confirmed(&self, msg: &TaskMessage) -> Result<(), BrokerError> {
-        let (subject, message) = self.outbound(msg)?;
+    async fn publish_confirmed(
+        &self,
+        msg: &TaskMessage,
+        message_id: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let (subject, message) = self.outbound(msg, message_id)?;
         let ack = self.publish_repairing(subject, message).await?;
         if ack.duplicate {
             tracing::debug!(task_id = %msg.id, "publish was a duplicate; stored once");
@@ -62,14 +71,22 @@ impl JetStreamBroker {
 impl TaskPublisher for JetStreamBroker {
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn publish(&self, msg: &TaskMessage) -> Result<(), BrokerError> {
-        self.publish_confirmed(msg).await
+        self.publish_confirmed(msg, None).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
+    async fn republish(&self, msg: &TaskMessage, replay_id: &str) -> Result<(), BrokerError> {
+        self.publish_confirmed(msg, Some(replay_id)).await
     }
 
     #[instrument(level = "debug", skip_all, fields(count = msgs.len()))]
     async fn publish_batch(&self, msgs: &[TaskMessage]) -> Vec<Result<(), BrokerError>> {
         // Futures are lazy: collecting them sends nothing yet; `buffered`
         // then keeps PIPELINE_WINDOW of them in flight, in order.
-        let publishes: Vec<_> = msgs.iter().map(|msg| self.publish_confirmed(msg)).collect();
+        let publishes: Vec<_> = msgs
+            .iter()
+            .map(|msg| self.publish_confirmed(msg, None))
+            .collect();
         futures::stream::iter(publishes)
             .buffered(PIPELINE_WINDOW)
             .collect()
