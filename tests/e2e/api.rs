@@ -65,14 +65,7 @@ async fn batch_submit_runs_every_task(kind: BackendKind) {
     let tasks: Vec<Value> = (0..50)
         .map(|i| json!({"prompt": format!("item {i}")}))
         .collect();
-    let (status, body) = cluster
-        .send(
-            cluster
-                .http
-                .post(format!("{}/tasks/batch", cluster.base_url))
-                .json(&json!({ "tasks": tasks })),
-        )
-        .await;
+    let (status, body) = cluster.submit_batch(&tasks).await;
     assert_eq!(status, 202, "{body}");
     let records = body["tasks"].as_array().unwrap();
     assert_eq!(records.len(), 50);
@@ -213,14 +206,7 @@ async fn priority_overtakes_a_backlog(kind: BackendKind) {
         .map(|i| json!({"prompt": format!("low {i}"), "priority": 1}))
         .collect();
     for chunk in backlog.chunks(500) {
-        let (status, body) = cluster
-            .send(
-                cluster
-                    .http
-                    .post(format!("{}/tasks/batch", cluster.base_url))
-                    .json(&json!({ "tasks": chunk })),
-            )
-            .await;
+        let (status, body) = cluster.submit_batch(chunk).await;
         assert_eq!(status, 202, "{body}");
     }
     let urgent = cluster
@@ -274,14 +260,7 @@ async fn two_pools_share_the_work_once_each(kind: BackendKind) {
     let tasks: Vec<Value> = (0..40)
         .map(|i| json!({"prompt": format!("job {i}")}))
         .collect();
-    let (status, body) = cluster
-        .send(
-            cluster
-                .http
-                .post(format!("{}/tasks/batch", cluster.base_url))
-                .json(&json!({ "tasks": tasks })),
-        )
-        .await;
+    let (status, body) = cluster.submit_batch(&tasks).await;
     assert_eq!(status, 202, "{body}");
     let mut by_worker: HashMap<String, usize> = HashMap::new();
     for r in body["tasks"].as_array().unwrap() {

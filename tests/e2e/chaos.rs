@@ -71,14 +71,7 @@ async fn killing_workers_at_random_loses_no_task() {
         let tasks: Vec<Value> = (0..BATCH)
             .map(|i| json!({"prompt": format!("chaos {}", chunk * BATCH + i), "max_attempts": 10}))
             .collect();
-        let (status, body) = cluster
-            .send(
-                cluster
-                    .http
-                    .post(format!("{}/tasks/batch", cluster.base_url))
-                    .json(&json!({ "tasks": tasks })),
-            )
-            .await;
+        let (status, body) = cluster.submit_batch(&tasks).await;
         assert_eq!(status, 202, "{body}");
         for record in body["tasks"].as_array().unwrap() {
             ids.push((

@@ -178,6 +178,16 @@ impl TestCluster {
         body
     }
 
+    /// `POST /tasks/batch` of `tasks`; the status and the JSON answer.
+    pub async fn submit_batch(&self, tasks: &[Value]) -> (u16, Value) {
+        self.send(
+            self.http
+                .post(format!("{}/tasks/batch", self.base_url))
+                .json(&serde_json::json!({ "tasks": tasks })),
+        )
+        .await
+    }
+
     /// `GET /tasks/{id}`.
     pub async fn get(&self, id: &str) -> (u16, Value) {
         self.send(self.http.get(format!("{}/tasks/{id}", self.base_url)))
