@@ -40,19 +40,10 @@ pub async fn cleanup(
             }
         }
     }
-    if !key_prefixes.is_empty() {
-        let mut conn = redis::Client::open(redis_url)?
-            .get_multiplexed_async_connection()
-            .await?;
-        for prefix in key_prefixes {
-            if prefix.is_empty() {
-                // An empty prefix would match every key on the server.
-                return Err(RawError::Invalid(
-                    "refusing to delete keys with an empty prefix",
-                ));
-            }
-            cleaned.keys += delete_prefix(&mut conn, prefix).await?;
-        }
+    for prefix in key_prefixes {
+        // Refuses an empty prefix, which would match every key on the server.
+        cleaned.keys +=
+            claudecluster_engine::backend::testing::delete_redis_keys(redis_url, prefix).await?;
     }
     Ok(cleaned)
 }
@@ -90,56 +81,4 @@ fn is_not_found(e: &jetstream::context::DeleteStreamError) -> bool {
         jetstream::context::DeleteStreamErrorKind::JetStream(err)
             if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
     )
-}
-
-/// `SCAN` + `UNLINK` of every key starting with `prefix`.
-async fn delete_prefix(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> Result<u64, RawError> {
-    let pattern = format!("{}*", escape_glob(prefix));
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(2000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            deleted += redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<u64>(conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
-}
-
-/// Escapes glob characters so a prefix matches only itself.
-fn escape_glob(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len());
-    for c in prefix.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn glob_characters_are_escaped() {
-        assert_eq!(escape_glob("run:a*b?[c]"), r"run:a\*b\?\[c\]");
-    }
 }

@@ -149,6 +149,9 @@ pub enum RawError {
     /// Redis could not be reached or refused a command.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Cleaning up a run's keys failed or was refused.
+    #[error(transparent)]
+    Cleanup(#[from] claudecluster_engine::backend::BackendError),
     /// A setting is out of range.
     #[error("invalid settings: {0}")]
     Invalid(&'static str),
