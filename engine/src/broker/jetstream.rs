@@ -26,6 +26,7 @@
 //! [`TaskConsumer::next_batch`]: crate::broker::TaskConsumer::next_batch
 //! [`DeadLetterStore`]: crate::broker::DeadLetterStore
 
+mod arrivals;
 mod consume;
 mod dead_letter;
 pub mod definitions;
@@ -59,6 +60,9 @@ struct Lane {
     band: PriorityBand,
     subject: String,
     consumer: PullConsumer,
+    /// The reply inbox of this band's pulls, kept between pulls (see
+    /// [`consume`]); empty until the first pull and after an abandoned one.
+    inbox: std::sync::Mutex<Option<consume::Inbox>>,
 }
 
 /// Tasks on NATS JetStream.
@@ -75,6 +79,9 @@ pub struct JetStreamBroker {
     /// repair so concurrent callers wait for one repair instead of each
     /// running one.
     last_repair: tokio::sync::Mutex<Option<Instant>>,
+    /// Which bands may hold work; started by the first pull, so a broker
+    /// that only publishes (the intake) never watches arrivals.
+    arrivals: tokio::sync::OnceCell<std::sync::Arc<arrivals::Arrivals>>,
 }
 
 /// Why a publish was not confirmed.
@@ -132,6 +139,7 @@ impl JetStreamBroker {
                 band: *band,
                 subject: config.filter_subject.clone(),
                 consumer,
+                inbox: std::sync::Mutex::default(),
             });
         }
         Ok(Self {
@@ -143,6 +151,7 @@ impl JetStreamBroker {
             dead_letters,
             definitions,
             last_repair: tokio::sync::Mutex::new(None),
+            arrivals: tokio::sync::OnceCell::new(),
         })
     }
 

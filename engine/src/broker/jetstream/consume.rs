@@ -3,12 +3,16 @@
 //!
 //! Each pull is a no-wait fetch of exactly the remaining permits, so a busy
 //! worker never holds messages it cannot start (they stay available to other
-//! workers). When every band is empty the worker does not poll in a loop and
-//! does not park a long pull on one band (a high-priority arrival would then
-//! wait behind it): it subscribes to `<subject_prefix>.>` on core NATS, which
-//! also sees JetStream publishes, checks the bands once more (closing the
-//! race with a publish that happened just before), and sleeps until a publish
-//! or a second passes.
+//! workers). A worker pulls only the bands that [`Arrivals`] says may hold
+//! work (the stream announced a stored task, or a full pass is due); with
+//! none, it
+//! does not poll in a loop and does not park a long pull on one band (a
+//! high-priority arrival would then wait behind it), it sleeps until a
+//! publish or the next full pass.
+//!
+//! Each band keeps one reply inbox for all its pulls ([`Inbox`]): a pull is
+//! then a single request on the wire, not a subscribe, a request and an
+//! unsubscribe.
 //!
 //! Dropping a `next_batch` future (shutdown) loses nothing for good: messages
 //! already pulled but not handed out are unacknowledged, and JetStream
@@ -25,13 +29,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tracing::instrument;
 
+use super::arrivals::Arrivals;
 use super::{JetStreamBroker, Lane, unavailable};
 use crate::broker::{AckKind, Acker, BrokerError, Delivery, PriorityBand, TaskConsumer};
 use crate::task::TaskId;
-
-/// Longest sleep when all bands are empty; bounds the cost of a missed
-/// wake-up.
-const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a pull may go unanswered. A no-wait pull is answered at once
 /// (messages, then `404`/`408` when the band runs dry), except when the band
@@ -62,21 +63,59 @@ impl From<PullError> for BrokerError {
     }
 }
 
-/// An outstanding pull request. Dropped before the server has finished
-/// with it (a silent band, or the caller's future dropped at shutdown), it
-/// hands its inbox to [`rescue`], so messages still on their way are given
-/// back at once instead of sitting out their lease in a dead inbox.
-struct Pull {
-    replies: Option<async_nats::Subscriber>,
+/// A band's reply inbox: one wildcard subscription that every pull of the
+/// band reuses, each pull answering to `<inbox>.<n>` with its own `n`.
+/// Subscribing and unsubscribing around every pull made the server rebuild
+/// its subscription cache each time, which slowed every publish on the
+/// server. Status replies (`404`, `408`, ...) come on the exact reply subject,
+/// so a late status of an earlier pull is told apart and skipped; deliveries
+/// carry their stream subject instead, and any that arrive are this band's.
+pub(super) struct Inbox {
+    prefix: String,
+    replies: async_nats::Subscriber,
+    /// The number of the last pull sent.
+    sent: u64,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("prefix", &self.prefix)
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A band's inbox taken out of its lane for one pull. Put back when the
+/// server has finished with the pull; dropped before that (a silent band,
+/// or the caller's future dropped at shutdown), it hands the inbox to
+/// [`rescue`], so messages still on their way are given back at once
+/// instead of sitting out their lease in a dead inbox, and the band's next
+/// pull opens a fresh inbox.
+struct Pull<'a> {
+    inbox: Option<Inbox>,
+    slot: &'a std::sync::Mutex<Option<Inbox>>,
+    finished: bool,
     js: jetstream::Context,
 }
 
-impl Drop for Pull {
+impl Drop for Pull<'_> {
     fn drop(&mut self) {
-        if let Some(replies) = self.replies.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(rescue(replies, self.js.clone()));
+        let Some(inbox) = self.inbox.take() else {
+            return;
+        };
+        if self.finished {
+            let mut slot = self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Another pull of the same band may have opened its own inbox
+            // meanwhile; one is enough, and this one is then dropped.
+            if slot.is_none() {
+                *slot = Some(inbox);
+            }
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(rescue(inbox.replies, self.js.clone()));
         }
     }
 }
@@ -132,9 +171,13 @@ impl JetStreamBroker {
     /// When the first pull fails; a later failure returns what was already
     /// pulled (those messages are leased to this worker and must be handed
     /// out).
-    async fn take_available(&self, max: usize) -> Result<Vec<Delivery>, PullError> {
+    async fn take_available(
+        &self,
+        max: usize,
+        bands: impl Fn(PriorityBand) -> bool,
+    ) -> Result<Vec<Delivery>, PullError> {
         let mut out = Vec::new();
-        for lane in &self.lanes {
+        for lane in self.lanes.iter().filter(|lane| bands(lane.band)) {
             let want = max - out.len();
             if want == 0 {
                 break;
@@ -163,30 +206,50 @@ impl JetStreamBroker {
                 "not connected to NATS".into(),
             )));
         }
-        let inbox = self.client.new_inbox();
-        let replies = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| PullError::Other(unavailable("cannot subscribe for a pull", e)))?;
+        let kept = lane
+            .inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let inbox = match kept {
+            Some(inbox) => inbox,
+            None => {
+                let prefix = self.client.new_inbox();
+                let replies = self
+                    .client
+                    .subscribe(format!("{prefix}.*"))
+                    .await
+                    .map_err(|e| PullError::Other(unavailable("cannot subscribe for pulls", e)))?;
+                Inbox {
+                    prefix,
+                    replies,
+                    sent: 0,
+                }
+            }
+        };
         let mut pull = Pull {
-            replies: Some(replies),
+            inbox: Some(inbox),
+            slot: &lane.inbox,
+            finished: false,
             js: self.js.clone(),
         };
+        let Some(inbox) = pull.inbox.as_mut() else {
+            return Ok(());
+        };
+        inbox.sent += 1;
+        let reply = format!("{}.{}", inbox.prefix, inbox.sent);
         let request = BatchConfig {
             batch: want,
             no_wait: true,
             ..BatchConfig::default()
         };
         lane.consumer
-            .request_batch(request, inbox.into())
+            .request_batch(request, reply.clone().into())
             .await
             .map_err(|e| PullError::Other(unavailable("cannot send a pull request", e)))?;
 
         let started = out.len();
-        let Some(replies) = pull.replies.as_mut() else {
-            return Ok(());
-        };
+        let replies = &mut inbox.replies;
         let collect = async {
             while out.len() - started < want {
                 let Some(message) = replies.next().await else {
@@ -197,6 +260,8 @@ impl JetStreamBroker {
                 match message.status {
                     None | Some(StatusCode::OK) => out.push(self.delivery(message, lane.band)),
                     Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // The late end of an earlier pull of this band.
+                    Some(_) if message.subject.as_str() != reply => {}
                     // Nobody serves this consumer: it or its stream is gone.
                     Some(StatusCode::NO_RESPONDERS) => {
                         return Err(PullError::Missing(BrokerError::Unavailable(format!(
@@ -232,8 +297,9 @@ impl JetStreamBroker {
         let collected = tokio::time::timeout(SILENCE, collect).await;
         match collected {
             Ok(result) => {
-                // The server has finished with the request: nothing to rescue.
-                pull.replies = None;
+                // The server has finished with the request: the inbox can
+                // serve the next one.
+                pull.finished = result.is_ok();
                 result
             }
             // Silence: the band is saturated, or its consumer is gone (a
@@ -279,8 +345,12 @@ impl JetStreamBroker {
 
     /// [`Self::take_available`]; a missing consumer is recreated and the
     /// error still goes back, so the caller backs off and tries again.
-    async fn pull_or_repair(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        match self.take_available(max).await {
+    async fn pull_or_repair(
+        &self,
+        max: usize,
+        bands: impl Fn(PriorityBand) -> bool,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        match self.take_available(max, bands).await {
             Ok(batch) => Ok(batch),
             Err(PullError::Missing(e)) => {
                 if let Err(repair) = self.repair(Instant::now()).await {
@@ -320,26 +390,43 @@ impl TaskConsumer for JetStreamBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
+        let arrivals = self
+            .arrivals
+            .get_or_try_init(|| async {
+                let stored = super::definitions::stored_subject_prefix(&self.settings);
+                let subscriber = self
+                    .client
+                    .subscribe(format!("{stored}.>"))
+                    .await
+                    .map_err(|e| unavailable("cannot subscribe for arrivals", e))?;
+                let subjects = self
+                    .lanes
+                    .iter()
+                    .map(|lane| (lane.band, format!("{stored}.{}", lane.band.as_str())))
+                    .collect();
+                Ok::<_, BrokerError>(Arrivals::start(subscriber, subjects))
+            })
+            .await?;
         loop {
-            let batch = self.pull_or_repair(max).await?;
+            let due = arrivals.take_due();
+            if due.is_empty() {
+                arrivals.wait().await;
+                continue;
+            }
+            let batch = match self.pull_or_repair(max, |band| due.contains(&band)).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    arrivals.mark(&due);
+                    return Err(e);
+                }
+            };
+            if batch.len() >= max {
+                // A full batch may have left more behind.
+                arrivals.mark(&due);
+            }
             if !batch.is_empty() {
                 return Ok(batch);
             }
-            let mut wake = self
-                .client
-                .subscribe(format!("{}.>", self.settings.subject_prefix))
-                .await
-                .map_err(|e| unavailable("cannot subscribe for arrivals", e))?;
-            // The subscription is registered before this pull reaches the
-            // server (same connection, in order), so a task stored after
-            // this check also wakes us.
-            let batch = self.pull_or_repair(max).await?;
-            if !batch.is_empty() {
-                return Ok(batch);
-            }
-            // A wake-up may come before the stream has stored the message;
-            // the next round's empty pull then simply loops.
-            let _ = tokio::time::timeout(IDLE_WAIT, wake.next()).await;
         }
     }
 

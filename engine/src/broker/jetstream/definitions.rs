@@ -22,6 +22,14 @@ pub fn band_subject(settings: &NatsSettings, band: PriorityBand) -> String {
     format!("{}.{}", settings.subject_prefix, band.as_str())
 }
 
+/// Where the task stream announces each task it has stored:
+/// `<subject_prefix>.stored.<band>`, headers only (see
+/// [`super::arrivals`]). Outside the stream's subjects, so a subscription to
+/// it never answers a publish in the stream's place.
+pub fn stored_subject_prefix(settings: &NatsSettings) -> String {
+    format!("{}.stored", settings.subject_prefix)
+}
+
 /// The durable consumer of one band: `<consumer_prefix>-<band>`.
 pub fn consumer_name(settings: &NatsSettings, band: PriorityBand) -> String {
     format!("{}-{}", settings.consumer_prefix, band.as_str())
@@ -54,6 +62,11 @@ impl Definitions {
             .collect();
         tasks.duplicate_window = Duration::from_millis(settings.duplicate_window_ms);
         tasks.num_replicas = settings.replicas.max(1);
+        tasks.republish = Some(stream::Republish {
+            source: format!("{}.>", settings.subject_prefix),
+            destination: format!("{}.>", stored_subject_prefix(settings)),
+            headers_only: true,
+        });
 
         let mut dead_letters: stream::Config =
             parse("stream-dead-letters.json", DEAD_LETTER_STREAM)?;
@@ -115,6 +128,12 @@ mod tests {
             d.tasks.subjects,
             ["t1.tasks.high", "t1.tasks.normal", "t1.tasks.low"]
         );
+        let announce = d.tasks.republish.as_ref().unwrap();
+        assert_eq!(
+            (announce.source.as_str(), announce.destination.as_str()),
+            ("t1.tasks.>", "t1.tasks.stored.>")
+        );
+        assert!(announce.headers_only);
         assert_eq!(d.tasks.retention, RetentionPolicy::WorkQueue);
         assert_eq!(d.tasks.storage, StorageType::File);
         assert!(d.tasks.max_message_size >= 1024 * 1024);
@@ -144,6 +163,7 @@ mod tests {
         let from_settings = Definitions::from_settings(&defaults).unwrap();
         assert_eq!(tasks.subjects, from_settings.tasks.subjects);
         assert_eq!(tasks.duplicate_window, from_settings.tasks.duplicate_window);
+        assert_eq!(tasks.republish, from_settings.tasks.republish);
         let dead: stream::Config = parse("d", DEAD_LETTER_STREAM).unwrap();
         assert_eq!(dead.name, defaults.dead_letter_stream);
         assert_eq!(dead.subjects, from_settings.dead_letters.subjects);

@@ -55,6 +55,9 @@ fn stream_differences(current: &stream::Config, desired: &stream::Config) -> Vec
     if current.allow_direct != desired.allow_direct {
         diffs.push("allow_direct");
     }
+    if current.republish != desired.republish {
+        diffs.push("republish");
+    }
     diffs
 }
 
@@ -70,6 +73,7 @@ fn merged_stream(current: &stream::Config, desired: &stream::Config) -> stream::
         discard: desired.discard,
         max_age: desired.max_age,
         allow_direct: desired.allow_direct,
+        republish: desired.republish.clone(),
         ..current.clone()
     }
 }
