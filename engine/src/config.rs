@@ -179,7 +179,9 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// How long task records live after their last change (default 24 h).
     pub result_ttl_secs: u64,
-    /// Connections in the pool.
+    /// Multiplexed connections per process (default 1). Every concurrent
+    /// call shares them, so more connections mean fewer calls per read and
+    /// write on both ends; see `broker-config/redis/README.md`.
     pub pool_size: usize,
 }
 
@@ -189,7 +191,7 @@ impl Default for RedisSettings {
             url: None,
             key_prefix: "claudecluster:".into(),
             result_ttl_secs: 24 * 60 * 60,
-            pool_size: 32,
+            pool_size: 1,
         }
     }
 }

@@ -4,8 +4,11 @@
 //! `redis/scripts/`), so it is atomic and costs one round trip: two workers
 //! racing on a redelivered task cannot move a record out of a final state.
 //! Records live in one hash per task ([`record`] describes the fields) and
-//! expire `result_ttl_secs` after their last change. Indexes per state make
-//! `list` with a state filter cheap; they are trimmed as they are written.
+//! expire `result_ttl_secs` after their last change. An index of all tasks
+//! and one for each rare outcome (failed, timed out, cancelled, dead
+//! lettered) serve `list`; the common states are listed by filtering the
+//! index of all tasks, which keeps index writes off the way of a task that
+//! succeeds. Indexes are trimmed as they are written.
 //! Every transition also publishes `{"id","state"}` on
 //! `<prefix>events:<id>`, for clients that want to follow a task.
 //!
@@ -41,6 +44,9 @@ use crate::task::{TaskId, TaskMessage, TaskRecord, TaskState};
 const MAX_PAGE: usize = 1000;
 /// Index reads per `list` call when expired or moved entries leave holes.
 const MAX_LIST_ROUNDS: usize = 8;
+/// Index entries read per round when a state without an index of its own is
+/// listed by filtering the index of all tasks.
+const SCAN_CHUNK: usize = 256;
 
 /// Task state in Redis.
 pub struct RedisStore {
@@ -205,6 +211,141 @@ impl RedisStore {
         }
         Ok(out)
     }
+    /// A call of a transition script with the arguments they all start with:
+    /// the task hash as the key, then the key prefix, the task id, the TTL
+    /// and the index cutoff.
+    fn transition<'a>(&self, script: &'a ::redis::Script, id: TaskId) -> ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.keys.task(id))
+            .arg(self.keys.prefix())
+            .arg(id.to_string())
+            .arg(self.ttl_secs)
+            .arg(self.cutoff_ms());
+        invocation
+    }
+
+    /// One `start_attempt` script call; `message` is the task message JSON
+    /// to create a missing record from, or empty.
+    async fn start_call(
+        &self,
+        msg: &TaskMessage,
+        worker_id: &str,
+        at: DateTime<Utc>,
+        message: &str,
+    ) -> Result<Value, StoreError> {
+        let mut invocation = self.transition(&self.scripts.start_attempt, msg.id);
+        invocation
+            .arg(worker_id)
+            .arg(record::timestamp(at))
+            .arg(message)
+            .arg(msg.created_at.timestamp_millis());
+        self.eval(&invocation).await
+    }
+
+    /// [`ResultStore::list`] for a state without an index of its own: walks
+    /// the index of all tasks, reads each entry's state, and fetches the
+    /// records of those that match. A call reads at most
+    /// `MAX_LIST_ROUNDS * SCAN_CHUNK` entries, so a page may come back short
+    /// with a `next_cursor` to go on from.
+    async fn list_filtered(
+        &self,
+        state: TaskState,
+        mut cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<TaskPage, StoreError> {
+        let index = self.keys.index(None);
+        let cutoff = self.cutoff_ms();
+        let mut conn = self.conn();
+        let mut tasks = Vec::with_capacity(limit);
+        for _ in 0..MAX_LIST_ROUNDS {
+            let entries = self
+                .list_round(&mut conn, &index, cursor.as_ref(), SCAN_CHUNK, cutoff)
+                .await?;
+            let more = entries.len() > SCAN_CHUNK;
+            let page = &entries[..entries.len().min(SCAN_CHUNK)];
+            if page.is_empty() {
+                return Ok(TaskPage {
+                    tasks,
+                    next_cursor: None,
+                });
+            }
+            let mut pipe = ::redis::pipe();
+            for (id, _) in page {
+                pipe.cmd("HGET").arg(self.keys.task_named(id)).arg("state");
+            }
+            let states: Vec<Option<String>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(reply::redis_error)?;
+
+            let mut matching = Vec::new();
+            let mut gone = Vec::new();
+            let mut full = false;
+            for ((id, score), found) in page.iter().zip(states) {
+                match found {
+                    None => gone.push(id.clone()),
+                    Some(s) if s == state.as_str() => {
+                        if tasks.len() + matching.len() == limit {
+                            full = true;
+                            break;
+                        }
+                        matching.push(id.clone());
+                    }
+                    Some(_) => {}
+                }
+                cursor = Some(Cursor {
+                    score: *score,
+                    id: id.clone(),
+                });
+            }
+            if !gone.is_empty() {
+                // Records expired: drop their index entries now.
+                ::redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&gone)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(reply::redis_error)?;
+            }
+            if !matching.is_empty() {
+                let mut pipe = ::redis::pipe();
+                for id in &matching {
+                    pipe.cmd("HGETALL").arg(self.keys.task_named(id));
+                }
+                let hashes: Vec<HashMap<String, String>> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(reply::redis_error)?;
+                for (id, fields) in matching.iter().zip(hashes) {
+                    if fields.is_empty() {
+                        continue; // expired since its state was read
+                    }
+                    match record::decode(id, fields) {
+                        // Moved on since its state was read.
+                        Ok(record) if record.state != state => {}
+                        Ok(record) => tasks.push(record),
+                        Err(e) => {
+                            tracing::warn!(task_id = %id, error = %e, "skipping unreadable task record");
+                        }
+                    }
+                }
+            }
+            if full || (more && tasks.len() >= limit) {
+                break;
+            }
+            if !more {
+                return Ok(TaskPage {
+                    tasks,
+                    next_cursor: None,
+                });
+            }
+        }
+        Ok(TaskPage {
+            tasks,
+            next_cursor: cursor.map(|c| c.encode()),
+        })
+    }
 }
 
 #[async_trait]
@@ -311,18 +452,16 @@ impl ResultStore for RedisStore {
         worker_id: &str,
         at: DateTime<Utc>,
     ) -> Result<StartOutcome, StoreError> {
-        let mut invocation = self.scripts.start_attempt.prepare_invoke();
-        invocation
-            .key(self.keys.task(msg.id))
-            .arg(self.keys.prefix())
-            .arg(msg.id.to_string())
-            .arg(self.ttl_secs)
-            .arg(self.cutoff_ms())
-            .arg(worker_id)
-            .arg(record::timestamp(at))
-            .arg(record::to_json(msg)?)
-            .arg(msg.created_at.timestamp_millis());
-        let (code, mut rest) = reply::coded("start_attempt", self.eval(&invocation).await?)?;
+        // The message goes along only when the record turns out to be
+        // missing (a task published straight onto the queue): shipping it
+        // with every start would cost each task a serialisation and the
+        // bytes on the wire.
+        let mut value = self.start_call(msg, worker_id, at, "").await?;
+        if reply::is_code(&value, -1) {
+            let json = record::to_json(msg)?;
+            value = self.start_call(msg, worker_id, at, &json).await?;
+        }
+        let (code, mut rest) = reply::coded("start_attempt", value)?;
         let detail = rest
             .next()
             .ok_or_else(|| StoreError::Other("short reply to start_attempt".into()))?;
@@ -355,13 +494,8 @@ impl ResultStore for RedisStore {
         }
         let result = end.result.as_ref().map(record::to_json).transpose()?;
         let error = end.error.as_ref().map(record::to_json).transpose()?;
-        let mut invocation = self.scripts.end_attempt.prepare_invoke();
+        let mut invocation = self.transition(&self.scripts.end_attempt, id);
         invocation
-            .key(self.keys.task(id))
-            .arg(self.keys.prefix())
-            .arg(id.to_string())
-            .arg(self.ttl_secs)
-            .arg(self.cutoff_ms())
             .arg(attempt)
             .arg(end.state.as_str())
             .arg(record::timestamp(end.at))
@@ -390,13 +524,8 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn reopen(&self, msg: &TaskMessage, at: DateTime<Utc>) -> Result<TaskRecord, StoreError> {
-        let mut invocation = self.scripts.reopen.prepare_invoke();
+        let mut invocation = self.transition(&self.scripts.reopen, msg.id);
         invocation
-            .key(self.keys.task(msg.id))
-            .arg(self.keys.prefix())
-            .arg(msg.id.to_string())
-            .arg(self.ttl_secs)
-            .arg(self.cutoff_ms())
             .arg(record::timestamp(at))
             .arg(record::to_json(msg)?)
             .arg(msg.created_at.timestamp_millis());
@@ -406,14 +535,8 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn cancel(&self, id: TaskId, at: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
-        let mut invocation = self.scripts.cancel.prepare_invoke();
-        invocation
-            .key(self.keys.task(id))
-            .arg(self.keys.prefix())
-            .arg(id.to_string())
-            .arg(self.ttl_secs)
-            .arg(self.cutoff_ms())
-            .arg(record::timestamp(at));
+        let mut invocation = self.transition(&self.scripts.cancel, id);
+        invocation.arg(record::timestamp(at));
         let (code, mut rest) = reply::coded("cancel", self.eval(&invocation).await?)?;
         if code < 0 {
             return Ok(CancelOutcome::NotFound);
@@ -440,6 +563,11 @@ impl ResultStore for RedisStore {
         let mut cursor = cursor.map(Cursor::parse).transpose()?;
         let index = self.keys.index(state);
         let all_index = self.keys.index(None);
+        if let Some(state) = state
+            && index == all_index
+        {
+            return self.list_filtered(state, cursor, limit).await;
+        }
         let cutoff = self.cutoff_ms();
         let mut conn = self.conn();
         let mut tasks = Vec::with_capacity(limit);

@@ -41,6 +41,7 @@ macro_rules! with_cases {
             store::remove_releases_the_idempotency_key,
             store::list_pages_newest_first_with_state_filter,
             store::list_pages_through_identical_timestamps,
+            store::list_filters_many_tasks_by_state,
             store::reopen_clears_the_outcome_and_keeps_history,
             store::workers_expire_and_can_be_removed,
             store::health_answers,

@@ -389,6 +389,82 @@ pub async fn list_pages_through_identical_timestamps(b: &Backends) {
     assert_eq!(seen, records.iter().map(|r| r.id).collect());
 }
 
+/// Pages through `state` until the last page, checking no task comes twice.
+async fn list_all(b: &Backends, state: TaskState, limit: usize) -> Vec<TaskRecord> {
+    let mut out: Vec<TaskRecord> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let page = b
+            .store
+            .list(Some(state), cursor.as_deref(), limit)
+            .await
+            .unwrap();
+        assert!(page.tasks.len() <= limit);
+        assert!(page.tasks.iter().all(|t| t.state == state));
+        out.extend(page.tasks);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            let ids: HashSet<_> = out.iter().map(|t| t.id).collect();
+            assert_eq!(ids.len(), out.len(), "a task was listed twice");
+            return out;
+        }
+    }
+    panic!("listing {state} did not end");
+}
+
+pub async fn list_filters_many_tasks_by_state(b: &Backends) {
+    // More tasks than one listing call of the Redis store reads for a state
+    // without an index of its own, with the rare ones at the oldest end.
+    let base = Utc::now() - TimeDelta::seconds(60);
+    let records: Vec<TaskRecord> = (0..2300)
+        .map(|i| TaskRecord::queued(&message_at(5, base + TimeDelta::milliseconds(i)), base))
+        .collect();
+    assert!(
+        b.store
+            .create_many(&records)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    let running = [0, 1, 7, 1500, 2299];
+    for i in running {
+        let started = b
+            .store
+            .start_attempt(&records[i].to_message(), "w1", Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(started, StartOutcome::Started { attempt: 1 });
+    }
+    let listed: Vec<_> = list_all(b, TaskState::Running, 3)
+        .await
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    let newest_first: Vec<_> = running.iter().rev().map(|&i| records[i].id).collect();
+    assert_eq!(listed, newest_first);
+    assert_eq!(
+        list_all(b, TaskState::Queued, 500).await.len(),
+        records.len() - running.len()
+    );
+
+    // A rare outcome has an index of its own, which a replay leaves.
+    let dead = end(
+        TaskState::DeadLettered,
+        None,
+        Some(TaskError::new("nonzero_exit", "exit 1")),
+    );
+    b.store.end_attempt(records[7].id, 1, &dead).await.unwrap();
+    let listed = list_all(b, TaskState::DeadLettered, 10).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, records[7].id);
+    b.store
+        .reopen(&records[7].to_message(), Utc::now())
+        .await
+        .unwrap();
+    assert!(list_all(b, TaskState::DeadLettered, 10).await.is_empty());
+    assert_eq!(list_all(b, TaskState::Running, 10).await.len(), 4);
+}
+
 pub async fn reopen_clears_the_outcome_and_keeps_history(b: &Backends) {
     let r = record();
     let msg = r.to_message();

@@ -200,7 +200,8 @@ pub fn catalogue(limits: &TaskLimits) -> Vec<Tool> {
             &format!(
                 "List tasks newest first, at most `limit` per page (default {DEFAULT_PAGE}, at \
                  most {MAX_PAGE}), optionally only those in `state`. Pass the returned \
-                 `next_cursor` as `cursor` to get the next page; it is null on the last page."
+                 `next_cursor` as `cursor` to get the next page; it is null on the last page. \
+                 With a `state` filter a page can hold fewer tasks while `next_cursor` is set."
             ),
             object(
                 json!({

@@ -174,6 +174,7 @@ pub fn document() -> Value {
                 "get": {
                     "operationId": "listTasks",
                     "summary": "List tasks, newest first",
+                    "description": "A page holds at most `limit` tasks. With a `state` filter a page can hold fewer while `next_cursor` is set: keep paging until `next_cursor` is null.",
                     "parameters": [
                         query_param("state", "Only tasks in this state.", json!({"$ref": "#/components/schemas/TaskRecord/$defs/state"})),
                         query_param("cursor", "next_cursor of the previous page.", json!({"type": "string"})),

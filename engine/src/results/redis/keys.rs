@@ -33,12 +33,19 @@ impl Keys {
         format!("{}task:{id}", self.prefix)
     }
 
-    /// The index of all tasks (`None`) or of the tasks in one state: a ZSET
-    /// scored by `created_at` in milliseconds.
+    /// The index to list the tasks of one state from (`None`: all tasks): a
+    /// ZSET scored by `created_at` in milliseconds. Only the rare outcomes
+    /// have an index of their own (`INDEXED` in `scripts/prelude.lua`);
+    /// the other states are read from the index of all tasks and filtered.
     pub fn index(&self, state: Option<TaskState>) -> String {
         match state {
-            None => format!("{}index", self.prefix),
-            Some(s) => format!("{}index:{}", self.prefix, s.as_str()),
+            Some(
+                s @ (TaskState::Failed
+                | TaskState::TimedOut
+                | TaskState::Cancelled
+                | TaskState::DeadLettered),
+            ) => format!("{}index:{}", self.prefix, s.as_str()),
+            _ => format!("{}index", self.prefix),
         }
     }
 

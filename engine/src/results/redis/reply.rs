@@ -82,6 +82,11 @@ pub(super) fn pairs(what: &str, value: Value) -> Result<HashMap<String, String>,
     Ok(map)
 }
 
+/// Whether a script's `{code, ...}` reply carries `code`.
+pub(super) fn is_code(value: &Value, code: i64) -> bool {
+    matches!(value, Value::Array(items) if matches!(items.first(), Some(Value::Int(c)) if *c == code))
+}
+
 /// Splits a script's `{code, ...}` reply into the code and the rest.
 pub(super) fn coded(
     what: &str,

@@ -21,14 +21,27 @@ local function trim(key, id, cutoff)
   end
 end
 
+-- States with an index of their own: the rare outcomes an operator looks
+-- for among many successes. Every other state is listed from the index of
+-- all tasks, filtered, which costs a listing a little more and spares each
+-- task's way through queued, running and succeeded four index writes.
+local INDEXED = {
+  failed = true, timed_out = true, cancelled = true, dead_lettered = true,
+}
+
 -- Moves a task between the per-state indexes.
 local function index_move(prefix, id, score, cutoff, from, to)
-  if from and from ~= to then
+  if from == to then
+    return
+  end
+  if from and INDEXED[from] then
     redis.call('ZREM', prefix .. 'index:' .. from, id)
   end
-  local key = prefix .. 'index:' .. to
-  redis.call('ZADD', key, score, id)
-  trim(key, id, cutoff)
+  if INDEXED[to] then
+    local key = prefix .. 'index:' .. to
+    redis.call('ZADD', key, score, id)
+    trim(key, id, cutoff)
+  end
 end
 
 -- Adds a task to the index of all tasks.

@@ -4,16 +4,22 @@
 -- ARGV[1]  key prefix        ARGV[2]  task id
 -- ARGV[3]  TTL in seconds    ARGV[4]  index cutoff (ms)
 -- ARGV[5]  worker id         ARGV[6]  now (RFC 3339)
--- ARGV[7]  the task message JSON, to create a missing record
+-- ARGV[7]  the task message JSON, to create a missing record; '' when the
+--          caller expects the record to exist
 -- ARGV[8]  index score of a missing record (created_at, ms)
 --
--- Returns {1, attempt} when started, {0, state} when the task is final.
+-- Returns {1, attempt} when started, {0, state} when the task is final,
+-- {-1} when the record is missing and no message came to create it from
+-- (the caller then calls again with the message).
 local prefix, id, ttl, cutoff, worker, at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local h = KEYS[1]
 
 local cur = redis.call('HMGET', h, 'state', 'created_ms')
 local state, score = cur[1], cur[2] or ARGV[8]
 if not state then
+  if ARGV[7] == '' then
+    return {-1}
+  end
   -- A message published straight onto the queue by another system: its
   -- record starts here.
   score = ARGV[8]
