@@ -15,6 +15,10 @@
 //! nobody announces (a redelivery after a nak or an expired lease, a store
 //! missed while disconnected, a stream created without `republish`) is found
 //! by a full pass over every band at least once per [`FULL_PASS_EVERY`].
+//!
+//! Every worker process receives every announcement (headers only, about a
+//! hundred bytes), busy or not: one more message per task and worker for the
+//! server to send.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
