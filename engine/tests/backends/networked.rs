@@ -447,3 +447,46 @@ async fn a_redis_outage_is_unavailable_then_recovers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_stream_announces_each_stored_task_by_band() {
+    // Idle workers sleep on these announcements; without them they would
+    // only find new tasks on their once-a-second full pass.
+    let fixture = Fixture::networked().await;
+    let nats = nats().await;
+    let prefix = &fixture.settings.nats.subject_prefix;
+    let mut announcements = nats.subscribe(format!("{prefix}.stored.>")).await.unwrap();
+    nats.flush().await.unwrap();
+
+    let low = message(0);
+    let high = message(9);
+    fixture.backends.publisher.publish(&low).await.unwrap();
+    fixture.backends.publisher.publish(&high).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let announced = within(
+            "an announcement",
+            futures::StreamExt::next(&mut announcements),
+        )
+        .await
+        .expect("the subscription is open");
+        assert!(announced.payload.is_empty(), "headers only");
+        let headers = announced.headers.expect("republished headers");
+        let original = headers
+            .get("Nats-Subject")
+            .expect("the subject it was published to")
+            .to_string();
+        assert_eq!(
+            announced.subject.as_str(),
+            format!("{prefix}.stored.{}", original.rsplit('.').next().unwrap())
+        );
+        seen.push(original);
+    }
+    assert_eq!(seen, [format!("{prefix}.low"), format!("{prefix}.high")]);
+
+    // Announced or not, the tasks are waiting on the queue.
+    let batch = take(fixture.backends.consumer.as_ref(), 2, 2).await;
+    assert_eq!(crate::harness::id_of(&batch[0]), high.id);
+    crate::harness::ack_all(&batch).await;
+    fixture.cleanup().await;
+}
