@@ -4,11 +4,10 @@
 //! Each pull is a no-wait fetch of exactly the remaining permits, so a busy
 //! worker never holds messages it cannot start (they stay available to other
 //! workers). A worker pulls only the bands that [`Arrivals`] says may hold
-//! work (the stream announced a stored task, or a full pass is due); with
-//! none, it
-//! does not poll in a loop and does not park a long pull on one band (a
-//! high-priority arrival would then wait behind it), it sleeps until a
-//! publish or the next full pass.
+//! work (the stream announced a stored task, or a full pass is due). With
+//! none, it does not poll in a loop and does not park a long pull on one
+//! band (a high-priority arrival would then wait behind it): it sleeps until
+//! a task is announced or the next full pass is due.
 //!
 //! Each band keeps one reply inbox for all its pulls ([`Inbox`]): a pull is
 //! then a single request on the wire, not a subscribe, a request and an
