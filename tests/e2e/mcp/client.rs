@@ -187,3 +187,18 @@ pub(super) fn progress_messages(done: &Value) -> Vec<String> {
         .map(|p| p["message"].as_str().unwrap_or_default().to_owned())
         .collect()
 }
+
+/// Checks the progress a TypeScript client saw for a task that ran once and
+/// succeeded: `queued`, then `running`, then `succeeded`, where the last may
+/// be missing. The TypeScript SDK runs notification handlers a microtask
+/// later but handles a response at once, dropping the request's progress
+/// handler: when the last progress notification and the answer arrive in
+/// one read (a busy machine), the client loses it although the intake sent
+/// it first. The answer carries the final state either way.
+pub(super) fn assert_typescript_progress(messages: &[String], running: &str) {
+    let expected = ["queued", running, "succeeded"];
+    assert!(
+        messages.len() >= 2 && messages.iter().zip(expected).all(|(m, e)| m == e),
+        "{messages:?}"
+    );
+}
