@@ -243,6 +243,59 @@ impl RedisStore {
         self.eval(&invocation).await
     }
 
+    /// The hashes of the listed tasks `ids`, in order, in one round trip; a
+    /// record that has expired comes back empty.
+    async fn read_listed<'a>(
+        &self,
+        conn: &mut impl ConnectionLike,
+        ids: impl ExactSizeIterator<Item = &'a str>,
+    ) -> Result<Vec<HashMap<String, String>>, StoreError> {
+        if ids.len() == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(self.keys.task_named(id));
+        }
+        pipe.query_async(conn).await.map_err(reply::redis_error)
+    }
+
+    /// Drops the entries of expired records `gone` from `indexes`.
+    async fn drop_from_indexes(
+        conn: &mut impl ConnectionLike,
+        indexes: &[&str],
+        gone: &[String],
+    ) -> Result<(), StoreError> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for index in indexes {
+            pipe.cmd("ZREM").arg(*index).arg(gone).ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(reply::redis_error)
+    }
+
+    /// A listed record to show: `None` when it is not in `state` (the index
+    /// and the hash are read in two steps, so it may have moved on) or does
+    /// not decode (logged).
+    fn listed(
+        id: &str,
+        fields: HashMap<String, String>,
+        state: Option<TaskState>,
+    ) -> Option<TaskRecord> {
+        match record::decode(id, fields) {
+            Ok(record) if state.is_some_and(|s| s != record.state) => None,
+            Ok(record) => Some(record),
+            Err(e) => {
+                tracing::warn!(task_id = %id, error = %e, "skipping unreadable task record");
+                None
+            }
+        }
+    }
+
     /// [`ResultStore::list`] for a state without an index of its own: walks
     /// the index of all tasks, reads each entry's state, and fetches the
     /// records of those that match. A call reads at most
@@ -299,36 +352,14 @@ impl RedisStore {
                     id: id.clone(),
                 });
             }
-            if !gone.is_empty() {
-                // Records expired: drop their index entries now.
-                ::redis::cmd("ZREM")
-                    .arg(&index)
-                    .arg(&gone)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(reply::redis_error)?;
-            }
-            if !matching.is_empty() {
-                let mut pipe = ::redis::pipe();
-                for id in &matching {
-                    pipe.cmd("HGETALL").arg(self.keys.task_named(id));
-                }
-                let hashes: Vec<HashMap<String, String>> = pipe
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(reply::redis_error)?;
-                for (id, fields) in matching.iter().zip(hashes) {
-                    if fields.is_empty() {
-                        continue; // expired since its state was read
-                    }
-                    match record::decode(id, fields) {
-                        // Moved on since its state was read.
-                        Ok(record) if record.state != state => {}
-                        Ok(record) => tasks.push(record),
-                        Err(e) => {
-                            tracing::warn!(task_id = %id, error = %e, "skipping unreadable task record");
-                        }
-                    }
+            Self::drop_from_indexes(&mut conn, &[&index], &gone).await?;
+            let hashes = self
+                .read_listed(&mut conn, matching.iter().map(String::as_str))
+                .await?;
+            for (id, fields) in matching.iter().zip(hashes) {
+                // Empty: expired since its state was read.
+                if !fields.is_empty() {
+                    tasks.extend(Self::listed(id, fields, Some(state)));
                 }
             }
             if full || (more && tasks.len() >= limit) {
@@ -580,18 +611,9 @@ impl ResultStore for RedisStore {
             let more = entries.len() > want;
             let page = &entries[..entries.len().min(want)];
 
-            let mut pipe = ::redis::pipe();
-            for (id, _) in page {
-                pipe.cmd("HGETALL").arg(self.keys.task_named(id));
-            }
-            let hashes: Vec<HashMap<String, String>> = if page.is_empty() {
-                Vec::new()
-            } else {
-                pipe.query_async(&mut conn)
-                    .await
-                    .map_err(reply::redis_error)?
-            };
-
+            let hashes = self
+                .read_listed(&mut conn, page.iter().map(|(id, _)| id.as_str()))
+                .await?;
             let mut gone = Vec::new();
             for ((id, score), fields) in page.iter().zip(hashes) {
                 cursor = Some(Cursor {
@@ -600,27 +622,16 @@ impl ResultStore for RedisStore {
                 });
                 if fields.is_empty() {
                     gone.push(id.clone());
-                    continue;
-                }
-                match record::decode(id, fields) {
-                    // The index and the hash are read in two steps; a task
-                    // that changed state in between is left for its new index.
-                    Ok(record) if state.is_some_and(|s| s != record.state) => {}
-                    Ok(record) => tasks.push(record),
-                    Err(e) => {
-                        tracing::warn!(task_id = %id, error = %e, "skipping unreadable task record")
-                    }
+                } else {
+                    tasks.extend(Self::listed(id, fields, state));
                 }
             }
-            if !gone.is_empty() {
-                // Records expired: drop their index entries now.
-                let mut pipe = ::redis::pipe();
-                pipe.cmd("ZREM").arg(&index).arg(&gone).ignore();
-                pipe.cmd("ZREM").arg(&all_index).arg(&gone).ignore();
-                pipe.query_async::<()>(&mut conn)
-                    .await
-                    .map_err(reply::redis_error)?;
-            }
+            let indexes: &[&str] = if state.is_some() {
+                &[&index, &all_index]
+            } else {
+                &[&index]
+            };
+            Self::drop_from_indexes(&mut conn, indexes, &gone).await?;
             if !more {
                 return Ok(TaskPage {
                     tasks,
