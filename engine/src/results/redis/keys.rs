@@ -34,17 +34,12 @@ impl Keys {
     }
 
     /// The index to list the tasks of one state from (`None`: all tasks): a
-    /// ZSET scored by `created_at` in milliseconds. Only the rare outcomes
-    /// have an index of their own (`INDEXED` in `scripts/prelude.lua`);
-    /// the other states are read from the index of all tasks and filtered.
+    /// ZSET scored by `created_at` in milliseconds. Only the states of
+    /// [`has_own_index`] have one of their own; the others are read from the
+    /// index of all tasks and filtered.
     pub fn index(&self, state: Option<TaskState>) -> String {
         match state {
-            Some(
-                s @ (TaskState::Failed
-                | TaskState::TimedOut
-                | TaskState::Cancelled
-                | TaskState::DeadLettered),
-            ) => format!("{}index:{}", self.prefix, s.as_str()),
+            Some(s) if has_own_index(s) => format!("{}index:{}", self.prefix, s.as_str()),
             _ => format!("{}index", self.prefix),
         }
     }
@@ -58,6 +53,17 @@ impl Keys {
     pub fn workers_expiry(&self) -> String {
         format!("{}workers:expiry", self.prefix)
     }
+}
+
+/// Whether the tasks in `state` have an index of their own: the rare
+/// outcomes an operator looks for among many successes. The scripts write
+/// these indexes (`INDEXED` in `scripts/prelude.lua`, checked against this
+/// by a test).
+pub fn has_own_index(state: TaskState) -> bool {
+    matches!(
+        state,
+        TaskState::Failed | TaskState::TimedOut | TaskState::Cancelled | TaskState::DeadLettered
+    )
 }
 
 /// A position in a listing: the index score and id of the last task shown.
@@ -92,6 +98,22 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scripts_index_the_states_the_listing_reads() {
+        let prelude = include_str!("scripts/prelude.lua");
+        let start = prelude
+            .find("local INDEXED = {")
+            .expect("INDEXED in prelude.lua");
+        let table = &prelude[start..start + prelude[start..].find('}').unwrap()];
+        for state in TaskState::ALL {
+            assert_eq!(
+                table.contains(&format!("{} = true", state.as_str())),
+                has_own_index(state),
+                "{state} in INDEXED of prelude.lua and in has_own_index"
+            );
+        }
+    }
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
