@@ -230,12 +230,12 @@ impl Drop for Taken<'_> {
 
 #[async_trait]
 impl TaskPublisher for EmbeddedQueue {
-    #[instrument(skip_all, fields(task_id = %msg.id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn publish(&self, msg: &TaskMessage) -> Result<(), BrokerError> {
         self.store(std::slice::from_ref(msg), true).await.map(drop)
     }
 
-    #[instrument(skip_all, fields(task_id = %msg.id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn republish(&self, msg: &TaskMessage, _replay_id: &str) -> Result<(), BrokerError> {
         self.store(std::slice::from_ref(msg), false).await.map(drop)
     }
@@ -333,7 +333,7 @@ impl TaskConsumer for EmbeddedQueue {
         }
     }
 
-    #[instrument(skip_all, fields(task_id = ?task_id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = ?task_id))]
     async fn dead_letter(
         &self,
         task_id: Option<TaskId>,

@@ -282,7 +282,7 @@ fn list_page(
 
 #[async_trait]
 impl ResultStore for EmbeddedStore {
-    #[instrument(skip_all, fields(task_id = %record.id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %record.id))]
     async fn create(&self, record: &TaskRecord) -> Result<CreateOutcome, StoreError> {
         let record = record.clone();
         self.transition(move |t, now, expires| create_op(t, &record, now, expires))
@@ -315,7 +315,7 @@ impl ResultStore for EmbeddedStore {
         }
     }
 
-    #[instrument(skip_all, fields(task_id = %id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn remove(&self, id: TaskId, idempotency_key: Option<&str>) -> Result<(), StoreError> {
         let key = idempotency_key.map(str::to_owned);
         self.transition(move |t, _, _| {
@@ -329,7 +329,7 @@ impl ResultStore for EmbeddedStore {
         .await
     }
 
-    #[instrument(skip_all, fields(task_id = %id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
         self.db
             .read(move |txn| {
@@ -350,7 +350,7 @@ impl ResultStore for EmbeddedStore {
             .map_err(unavailable)
     }
 
-    #[instrument(skip_all, fields(task_id = %msg.id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn start_attempt(
         &self,
         msg: &TaskMessage,
@@ -363,7 +363,7 @@ impl ResultStore for EmbeddedStore {
             .await
     }
 
-    #[instrument(skip_all, fields(task_id = %id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn end_attempt(
         &self,
         id: TaskId,
@@ -375,7 +375,7 @@ impl ResultStore for EmbeddedStore {
             .await
     }
 
-    #[instrument(skip_all, fields(task_id = %msg.id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn reopen(&self, msg: &TaskMessage, at: DateTime<Utc>) -> Result<TaskRecord, StoreError> {
         let msg = msg.clone();
         self.transition(move |t, now, expires| {
@@ -396,7 +396,7 @@ impl ResultStore for EmbeddedStore {
         .await
     }
 
-    #[instrument(skip_all, fields(task_id = %id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn cancel(&self, id: TaskId, at: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
         self.transition(move |t, now, expires| {
             let Some(mut record) = load_or_answer!(t, id, now) else {
