@@ -34,12 +34,19 @@ use crate::broker::PriorityBand;
 /// The longest a band goes without a pull while its worker waits for work.
 pub(super) const FULL_PASS_EVERY: Duration = Duration::from_secs(1);
 
+/// One band as [`Arrivals`] sees it.
+struct Band {
+    band: PriorityBand,
+    /// Where the stream announces the band's stored tasks.
+    subject: String,
+    /// Announced since its last pull.
+    dirty: AtomicBool,
+}
+
 /// The dirty bands of one broker, kept current by a background task.
 pub(super) struct Arrivals {
-    /// The bands, in pull order.
-    bands: Vec<PriorityBand>,
-    /// One flag per band of `bands`.
-    dirty: Vec<AtomicBool>,
+    /// In pull order.
+    bands: Vec<Band>,
     notify: Notify,
     /// When the next full pass is due.
     next_full_pass: Mutex<Instant>,
@@ -56,14 +63,20 @@ impl Arrivals {
     ) -> std::sync::Arc<Self> {
         let stop = CancellationToken::new();
         let arrivals = std::sync::Arc::new(Self {
-            bands: subjects.iter().map(|(band, _)| *band).collect(),
-            dirty: subjects.iter().map(|_| AtomicBool::new(true)).collect(),
+            bands: subjects
+                .into_iter()
+                .map(|(band, subject)| Band {
+                    band,
+                    subject,
+                    dirty: AtomicBool::new(true),
+                })
+                .collect(),
             notify: Notify::new(),
             next_full_pass: Mutex::new(Instant::now() + FULL_PASS_EVERY),
             _stop: stop.clone().drop_guard(),
         });
         let weak = std::sync::Arc::downgrade(&arrivals);
-        tokio::spawn(watch(subscriber, subjects, weak, stop));
+        tokio::spawn(watch(subscriber, weak, stop));
         arrivals
     }
 
@@ -87,21 +100,18 @@ impl Arrivals {
         };
         self.bands
             .iter()
-            .zip(&self.dirty)
             // Cleared even on a full pass: the pull about to go out covers
             // every store announced so far.
-            .filter(|(_, dirty)| dirty.swap(false, Ordering::AcqRel) | full)
-            .map(|(band, _)| *band)
+            .filter(|b| b.dirty.swap(false, Ordering::AcqRel) | full)
+            .map(|b| b.band)
             .collect()
     }
 
     /// Marks bands dirty again (a pull that filled its batch may have left
     /// more behind).
     pub(super) fn mark(&self, bands: &[PriorityBand]) {
-        for (band, dirty) in self.bands.iter().zip(&self.dirty) {
-            if bands.contains(band) {
-                dirty.store(true, Ordering::Release);
-            }
+        for b in self.bands.iter().filter(|b| bands.contains(&b.band)) {
+            b.dirty.store(true, Ordering::Release);
         }
     }
 
@@ -116,7 +126,6 @@ impl Arrivals {
 /// broker is gone.
 async fn watch(
     mut subscriber: async_nats::Subscriber,
-    subjects: Vec<(PriorityBand, String)>,
     arrivals: std::sync::Weak<Arrivals>,
     stop: CancellationToken,
 ) {
@@ -131,11 +140,12 @@ async fn watch(
         let Some(arrivals) = arrivals.upgrade() else {
             return;
         };
-        if let Some(i) = subjects
+        if let Some(b) = arrivals
+            .bands
             .iter()
-            .position(|(_, subject)| subject.as_str() == message.subject.as_str())
+            .find(|b| b.subject == message.subject.as_str())
         {
-            arrivals.dirty[i].store(true, Ordering::Release);
+            b.dirty.store(true, Ordering::Release);
             arrivals.notify.notify_one();
         }
     }
