@@ -132,6 +132,24 @@ pub(crate) struct Purged {
     pub more: bool,
 }
 
+/// Up to `batch` entries of an expiry table that are due at `now_ms`,
+/// oldest first; notes in `purged` when more are due.
+fn due(
+    expiry: &Table<'_, (u64, u128), ()>,
+    now_ms: u64,
+    batch: usize,
+    purged: &mut Purged,
+) -> Result<Vec<(u64, u128)>, redb::Error> {
+    let mut due: Vec<(u64, u128)> = expiry
+        .range(..(now_ms, u128::MAX))?
+        .take(batch + 1)
+        .map(|entry| entry.map(|(key, _)| key.value()))
+        .collect::<Result<_, _>>()?;
+    purged.more |= due.len() > batch;
+    due.truncate(batch);
+    Ok(due)
+}
+
 /// Removes up to `batch` expired task records, and up to `batch` expired
 /// duplicate markers and worker heartbeats.
 ///
@@ -144,14 +162,7 @@ pub(crate) fn purge_expired(
 ) -> Result<Purged, redb::Error> {
     let mut purged = Purged::default();
 
-    let due: Vec<(u64, u128)> = t
-        .task_expiry
-        .range(..(now_ms, u128::MAX))?
-        .take(batch + 1)
-        .map(|entry| entry.map(|(key, _)| key.value()))
-        .collect::<Result<_, _>>()?;
-    purged.more |= due.len() > batch;
-    for (expires, id) in due.into_iter().take(batch) {
+    for (expires, id) in due(&t.task_expiry, now_ms, batch, &mut purged)? {
         // Only a record whose own header says it is due goes; an index entry
         // that disagrees with its record is stale and is dropped alone.
         match records::expires_ms(t, id)? {
@@ -165,14 +176,7 @@ pub(crate) fn purge_expired(
         purged.removed += 1;
     }
 
-    let due: Vec<(u64, u128)> = t
-        .dedup_expiry
-        .range(..(now_ms, u128::MAX))?
-        .take(batch + 1)
-        .map(|entry| entry.map(|(key, _)| key.value()))
-        .collect::<Result<_, _>>()?;
-    purged.more |= due.len() > batch;
-    for (expires, id) in due.into_iter().take(batch) {
+    for (expires, id) in due(&t.dedup_expiry, now_ms, batch, &mut purged)? {
         t.dedup_expiry.remove((expires, id))?;
         // The marker may have been renewed by a later publish of the same id.
         let current = t.dedup.get(id)?.map(|v| v.value());
