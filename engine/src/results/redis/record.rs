@@ -66,9 +66,17 @@ pub(super) fn encode(record: &TaskRecord) -> Result<Vec<String>, StoreError> {
     };
     put(field::MESSAGE, to_json(&record.to_message())?);
     put(field::STATE, record.state.as_str().to_owned());
-    put(field::ATTEMPTS, record.attempts.to_string());
-    put(field::DUPLICATES, record.duplicate_executions.to_string());
-    put(field::UPDATED_AT, timestamp(record.updated_at));
+    // Fields equal to what [`decode`] assumes when they are missing are left
+    // out: every task is created, and each argument costs the create script.
+    if record.attempts > 0 {
+        put(field::ATTEMPTS, record.attempts.to_string());
+    }
+    if record.duplicate_executions > 0 {
+        put(field::DUPLICATES, record.duplicate_executions.to_string());
+    }
+    if record.updated_at != record.created_at {
+        put(field::UPDATED_AT, timestamp(record.updated_at));
+    }
     put(
         field::CREATED_MS,
         record.created_at.timestamp_millis().to_string(),

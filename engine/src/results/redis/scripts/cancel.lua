@@ -15,7 +15,7 @@ local state, score = cur[1], cur[2] or '0'
 if not state then
   return {-1}
 end
-if FINAL[state] then
+if is_final(state) then
   return {0, redis.call('HGETALL', h)}
 end
 

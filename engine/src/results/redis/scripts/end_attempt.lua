@@ -18,14 +18,16 @@ local prefix, id, ttl, cutoff = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n, new, at, result, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local h = KEYS[1]
 
-local cur = redis.call('HMGET', h, 'state', 'created_ms', 'worker_id', 'started_at')
-local state, score = cur[1], cur[2] or '0'
+local field = 'attempt:' .. n
+-- Everything the update depends on in one read: the attempt's own record,
+-- and which of the fields a final write clears exist at all.
+local cur = redis.call('HMGET', h, 'state', 'created_ms', 'worker_id', 'started_at', field,
+  'result', 'error', 'finished_at')
+local state, score, raw = cur[1], cur[2] or '0', cur[5]
 if not state then
   return {-1}
 end
 if state == 'cancelled' then
-  local field = 'attempt:' .. n
-  local raw = redis.call('HGET', h, field)
   if raw then
     local attempt = cjson.decode(raw)
     if not attempt.finished_at then
@@ -42,14 +44,12 @@ if state == 'cancelled' then
     end
   end
 end
-if FINAL[state] then
+if is_final(state) then
   redis.call('HINCRBY', h, 'duplicates', 1)
   redis.call('EXPIRE', h, ttl)
   return {0, state}
 end
 
-local field = 'attempt:' .. n
-local raw = redis.call('HGET', h, field)
 local attempt
 if raw then
   attempt = cjson.decode(raw)
@@ -64,25 +64,28 @@ else
   attempt.error = nil
 end
 
--- One HSET and at most one HDEL for the whole update.
+-- One HSET and at most one HDEL (only of fields that exist) for the whole
+-- update.
 local set = {'state', new, 'updated_at', at, field, cjson.encode(attempt)}
 local del = {}
 if result ~= '' then
   set[#set + 1] = 'result'; set[#set + 1] = result
-else
+elseif cur[6] then
   del[#del + 1] = 'result'
 end
 if err ~= '' then
   set[#set + 1] = 'error'; set[#set + 1] = err
-else
+elseif cur[7] then
   del[#del + 1] = 'error'
 end
-if FINAL[new] then
+if is_final(new) then
   set[#set + 1] = 'finished_at'; set[#set + 1] = at
 else
   -- Back on the queue for a retry.
   set[#set + 1] = 'queued_at'; set[#set + 1] = at
-  del[#del + 1] = 'finished_at'
+  if cur[8] then
+    del[#del + 1] = 'finished_at'
+  end
 end
 redis.call('HSET', h, unpack(set))
 if #del > 0 then

@@ -5,10 +5,12 @@
 -- what is stored. That needs a single Redis primary (with replicas or
 -- Sentinel), not Redis Cluster.
 
-local FINAL = {
-  succeeded = true, failed = true, timed_out = true,
-  cancelled = true, dead_lettered = true,
-}
+-- Every call runs this prelude again, so the state sets are functions, not
+-- tables: building a table on each call cost more than the comparisons.
+local function is_final(state)
+  return state == 'succeeded' or state == 'failed' or state == 'timed_out'
+    or state == 'cancelled' or state == 'dead_lettered'
+end
 
 -- Indexes are trimmed of entries older than the record TTL as they are
 -- written, so they stay bounded without a sweeper process. Trimming on every
@@ -25,19 +27,20 @@ end
 -- for among many successes. Every other state is listed from the index of
 -- all tasks, filtered, which costs a listing a little more and spares each
 -- task's way through queued, running and succeeded four index writes.
-local INDEXED = {
-  failed = true, timed_out = true, cancelled = true, dead_lettered = true,
-}
+local function has_own_index(state)
+  return state == 'failed' or state == 'timed_out' or state == 'cancelled'
+    or state == 'dead_lettered'
+end
 
 -- Moves a task between the per-state indexes.
 local function index_move(prefix, id, score, cutoff, from, to)
   if from == to then
     return
   end
-  if from and INDEXED[from] then
+  if from and has_own_index(from) then
     redis.call('ZREM', prefix .. 'index:' .. from, id)
   end
-  if INDEXED[to] then
+  if has_own_index(to) then
     local key = prefix .. 'index:' .. to
     redis.call('ZADD', key, score, id)
     trim(key, id, cutoff)
