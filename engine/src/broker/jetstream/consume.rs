@@ -4,10 +4,11 @@
 //! Each pull is a no-wait fetch of exactly the remaining permits, so a busy
 //! worker never holds messages it cannot start (they stay available to other
 //! workers). A worker pulls only the bands that [`Arrivals`] says may hold
-//! work (the stream announced a stored task, or a full pass is due). With
-//! none, it does not poll in a loop and does not park a long pull on one
-//! band (a high-priority arrival would then wait behind it): it sleeps until
-//! a task is announced or the next full pass is due.
+//! work (the stream announced a stored task, the band has been busy, or a
+//! full pass is due). With none, it does not poll in a loop and does not
+//! park a long pull on one band (a high-priority arrival would then wait
+//! behind it): it sleeps until a task is announced or the next full pass is
+//! due.
 //!
 //! Each band keeps one reply inbox for all its pulls ([`Inbox`]): a pull is
 //! then a single request on the wire, not a subscribe, a request and an
@@ -164,7 +165,8 @@ impl Acker for JetStreamAcker {
 }
 
 impl JetStreamBroker {
-    /// Pulls what is available now, band by band, up to `max`.
+    /// Pulls what is available now, band by band, up to `max`. Returns the
+    /// deliveries and, for each band pulled to its end, how many it brought.
     ///
     /// # Errors
     /// When the first pull fails; a later failure returns what was already
@@ -174,13 +176,15 @@ impl JetStreamBroker {
         &self,
         max: usize,
         bands: impl Fn(PriorityBand) -> bool,
-    ) -> Result<Vec<Delivery>, PullError> {
+    ) -> Result<(Vec<Delivery>, Vec<(PriorityBand, usize)>), PullError> {
         let mut out = Vec::new();
+        let mut pulled = Vec::new();
         for lane in self.lanes.iter().filter(|lane| bands(lane.band)) {
             let want = max - out.len();
             if want == 0 {
                 break;
             }
+            let before = out.len();
             if let Err(e) = self.fetch(lane, want, &mut out).await {
                 if out.is_empty() {
                     return Err(e);
@@ -188,8 +192,9 @@ impl JetStreamBroker {
                 tracing::warn!(band = lane.band.as_str(), error = %BrokerError::from(e), "pull failed; handing out what was pulled");
                 break;
             }
+            pulled.push((lane.band, out.len() - before));
         }
-        Ok(out)
+        Ok((out, pulled))
     }
 
     /// One no-wait pull of up to `want` messages from a band.
@@ -348,9 +353,9 @@ impl JetStreamBroker {
         &self,
         max: usize,
         bands: impl Fn(PriorityBand) -> bool,
-    ) -> Result<Vec<Delivery>, BrokerError> {
+    ) -> Result<(Vec<Delivery>, Vec<(PriorityBand, usize)>), BrokerError> {
         match self.take_available(max, bands).await {
-            Ok(batch) => Ok(batch),
+            Ok(pulled) => Ok(pulled),
             Err(PullError::Missing(e)) => {
                 if let Err(repair) = self.repair(Instant::now()).await {
                     tracing::warn!(error = %repair, "cannot recreate JetStream resources");
@@ -393,17 +398,12 @@ impl TaskConsumer for JetStreamBroker {
             .arrivals
             .get_or_try_init(|| async {
                 let stored = super::definitions::stored_subject_prefix(&self.settings);
-                let subscriber = self
-                    .client
-                    .subscribe(format!("{stored}.>"))
-                    .await
-                    .map_err(|e| unavailable("cannot subscribe for arrivals", e))?;
                 let subjects = self
                     .lanes
                     .iter()
                     .map(|lane| (lane.band, format!("{stored}.{}", lane.band.as_str())))
                     .collect();
-                Ok::<_, BrokerError>(Arrivals::start(subscriber, subjects))
+                Arrivals::start(self.client.clone(), subjects).await
             })
             .await?;
         loop {
@@ -412,8 +412,8 @@ impl TaskConsumer for JetStreamBroker {
                 arrivals.wait().await;
                 continue;
             }
-            let batch = match self.pull_or_repair(max, |band| due.contains(&band)).await {
-                Ok(batch) => batch,
+            let (batch, pulled) = match self.pull_or_repair(max, |band| due.contains(&band)).await {
+                Ok(pulled) => pulled,
                 Err(e) => {
                     arrivals.mark(&due);
                     return Err(e);
@@ -422,6 +422,12 @@ impl TaskConsumer for JetStreamBroker {
             if batch.len() >= max {
                 // A full batch may have left more behind.
                 arrivals.mark(&due);
+            }
+            for (band, got) in pulled {
+                if let Err(e) = arrivals.pulled(band, got).await {
+                    // The band stays busy: pulled on every pass.
+                    tracing::warn!(band = band.as_str(), error = %e, "cannot listen for arrivals");
+                }
             }
             if !batch.is_empty() {
                 return Ok(batch);
