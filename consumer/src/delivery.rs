@@ -96,6 +96,11 @@ pub(crate) fn decode(payload: &[u8], rt: &Runtime) -> Result<TaskMessage, Reject
 /// JSON into a [`TaskMessage`], telling bad JSON from a document that is not
 /// a task, and naming the offending field in the second case.
 fn parse(payload: &[u8]) -> Result<TaskMessage, Rejection> {
+    // Nearly every message is valid: parse it plainly, and only a message
+    // that fails pays for the second parse that tracks the field path.
+    if let Ok(msg) = serde_json::from_slice::<TaskMessage>(payload) {
+        return Ok(msg);
+    }
     let mut de = serde_json::Deserializer::from_slice(payload);
     let parsed = serde_path_to_error::deserialize::<_, TaskMessage>(&mut de)
         .map_err(|e| {
