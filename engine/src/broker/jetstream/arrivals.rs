@@ -17,8 +17,8 @@
 //!   an idle worker costs nothing, and the subscription survives idle
 //!   periods, so going idle and waking again costs no subscribe and
 //!   unsubscribe.
-//! - A band whose pulls have come back with work for [`BUSY_AFTER`] without
-//!   a break stops listening: it is pulled on every pass anyway, and its
+//! - A band whose pulls have come back with work for [`BUSY_AFTER`], with no
+//!   wait for work in between, stops listening: it is pulled on every pass anyway, and its
 //!   announcements (one message per stored task and worker) would only cost
 //!   the server and the worker. The first pull that finds it empty makes it
 //!   listened again; the band is then pulled once more, because a task
@@ -45,9 +45,8 @@ use super::unavailable;
 /// The longest a band goes without a pull while its worker waits for work.
 pub(super) const FULL_PASS_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a band's pulls must keep finding work before it stops listening
-/// to its announcements. Long enough that a worker that runs each task as it
-/// comes (and finds the band empty in between) never stops listening.
+/// How long a band's pulls must keep finding work, with no wait for work in
+/// between, before it stops listening to its announcements.
 pub(super) const BUSY_AFTER: Duration = Duration::from_millis(100);
 
 /// One band as [`Arrivals`] sees it.
@@ -218,7 +217,15 @@ impl Arrivals {
     }
 
     /// Waits until a band is announced or the next full pass is due.
+    ///
+    /// A worker that waits has found nothing to pull: whatever busy time its
+    /// bands had ends here. (A worker that takes each task as it is announced
+    /// never pulls a band empty, but it waits between tasks, and must keep
+    /// listening.)
     pub(super) async fn wait(&self) {
+        for b in &self.bands {
+            lock(&b.state).busy_since = None;
+        }
         let deadline = *self.next_full_pass();
         let _ = tokio::time::timeout_at(deadline, self.notify.notified()).await;
     }
@@ -330,7 +337,15 @@ mod tests {
         announce(&publisher, &subject, &arrivals).await;
         assert_eq!(arrivals.take_due(), normal);
 
-        // A single empty pull in between starts the busy time again.
+        // A wait for work in between starts the busy time again: a worker
+        // that is woken for each task never pulls the band empty.
+        arrivals.pulled(PriorityBand::Normal, 1).await.unwrap();
+        tokio::time::sleep(BUSY_AFTER + Duration::from_millis(20)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(10), arrivals.wait()).await;
+        arrivals.pulled(PriorityBand::Normal, 1).await.unwrap();
+        assert!(listening(&arrivals));
+
+        // So does a single empty pull.
         arrivals.pulled(PriorityBand::Normal, 8).await.unwrap();
         tokio::time::sleep(BUSY_AFTER + Duration::from_millis(20)).await;
         arrivals.pulled(PriorityBand::Normal, 0).await.unwrap();
