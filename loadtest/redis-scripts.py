@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Redis CPU per call of the result store's Lua scripts, next to plain
+commands doing the same writes.
+
+Starts its own redis-server on a free loopback port, loads the scripts from
+engine/src/results/redis/scripts/ (each with the prelude, as the store does),
+pipes N calls of each through `redis-cli --pipe`, and divides the server's
+CPU time (INFO cpu) by N. Pipelining keeps socket work out of the figure, so
+what is left is what the server does per call.
+
+Usage: loadtest/redis-scripts.py [N]   (default 100000; needs redis-server
+and redis-cli on PATH)
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "engine", "src", "results", "redis", "scripts")
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resp(*args):
+    out = [f"*{len(args)}\r\n"]
+    for a in args:
+        b = str(a).encode()
+        out.append(f"${len(b)}\r\n")
+        out.append(str(a))
+        out.append("\r\n")
+    return "".join(out)
+
+
+class Server:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if self.cli("ping") == "PONG":
+                return
+            time.sleep(0.05)
+        raise SystemExit("redis-server did not start")
+
+    def cli(self, *args):
+        r = subprocess.run(["redis-cli", "-p", str(self.port), *map(str, args)],
+                           capture_output=True, text=True)
+        return r.stdout.strip()
+
+    def cpu(self):
+        info = dict(line.split(":", 1) for line in self.cli("info", "cpu").split()
+                    if ":" in line)
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def per_call(self, commands, calls):
+        with tempfile.NamedTemporaryFile("w", suffix=".resp", delete=False) as f:
+            f.write(commands)
+            path = f.name
+        try:
+            before = self.cpu()
+            with open(path, "rb") as stdin:
+                subprocess.run(["redis-cli", "-p", str(self.port), "--pipe"], stdin=stdin,
+                               stdout=subprocess.DEVNULL, check=True)
+            return (self.cpu() - before) / calls * 1e6
+        finally:
+            os.unlink(path)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def main():
+    prelude = open(os.path.join(SCRIPTS, "prelude.lua")).read()
+    server = Server()
+    try:
+        def load(name):
+            body = open(os.path.join(SCRIPTS, name)).read()
+            return server.cli("script", "load", prelude + "\n" + body)
+
+        create, start, end = load("create.lua"), load("start_attempt.lua"), load("end_attempt.lua")
+        empty = server.cli("script", "load", "return 1")
+        ids = [str(uuid.uuid4()) for _ in range(N)]
+        at = "2026-12-04T21:00:00.000Z"
+        created_ms, cutoff, ttl = 1_764_882_000_000, 1_764_000_000_000, 86_400
+        # A new record's hash as the store writes it (record::encode).
+        message = json.dumps({
+            "schema_version": 1, "id": ids[0], "prompt": "echo this back",
+            "priority": 5, "timeout_ms": None, "max_attempts": 3, "metadata": {},
+            "created_at": at})
+        fields = ["message", message, "state", "queued", "created_ms", created_ms,
+                  "queued_at", at]
+        result = json.dumps({"output": "echo this back", "executor": "echo", "duration_ms": 0})
+
+        rows = []
+
+        def measure(label, build):
+            prefix = f"b{len(rows)}:"
+            text = "".join(build(prefix, i) for i in ids)
+            rows.append((label, server.per_call(text, N)))
+
+        create_args = lambda p, i: [p, i, "", ttl, created_ms, cutoff, "queued", *fields]
+        measure("EVALSHA of an empty script, no arguments",
+                lambda p, i: resp("EVALSHA", empty, 0))
+        measure("EVALSHA of an empty script, create's arguments",
+                lambda p, i: resp("EVALSHA", empty, 1, f"{p}task:{i}", *create_args(p, i)))
+        measure("create.lua",
+                lambda p, i: resp("EVALSHA", create, 1, f"{p}task:{i}", *create_args(p, i)))
+        measure("create's writes as plain commands (HSET EXPIRE ZADD PUBLISH)",
+                lambda p, i: resp("HSET", f"{p}task:{i}", *fields)
+                + resp("EXPIRE", f"{p}task:{i}", ttl)
+                + resp("ZADD", f"{p}index", created_ms, i)
+                + resp("PUBLISH", f"{p}events:{i}", json.dumps({"id": i, "state": "queued"})))
+        # start and end run on the records create.lua wrote above.
+        p = "b2:"
+        rows.append(("start_attempt.lua", server.per_call("".join(
+            resp("EVALSHA", start, 1, f"{p}task:{i}", p, i, ttl, cutoff, "worker-1", at, "",
+                 created_ms) for i in ids), N)))
+        rows.append(("end_attempt.lua (succeeded)", server.per_call("".join(
+            resp("EVALSHA", end, 1, f"{p}task:{i}", p, i, ttl, cutoff, 1, "succeeded", at,
+                 result, "") for i in ids), N)))
+        width = max(len(label) for label, _ in rows)
+        print(f"Redis CPU per call, {N} pipelined calls each ({server.cli('info', 'server').split('redis_version:')[1].split()[0]}):")
+        for label, us in rows:
+            print(f"  {label:<{width}}  {us:6.2f} µs")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
