@@ -18,7 +18,8 @@
 //!   periods, so going idle and waking again costs no subscribe and
 //!   unsubscribe.
 //! - A band whose pulls have come back with work for [`BUSY_AFTER`], with no
-//!   wait for work in between, stops listening: it is pulled on every pass anyway, and its
+//!   wait for work in between, stops listening: it is pulled on every pass
+//!   anyway (so the worker does not wait while it is busy), and its
 //!   announcements (one message per stored task and worker) would only cost
 //!   the server and the worker. The first pull that finds it empty makes it
 //!   listened again; the band is then pulled once more, because a task
@@ -54,8 +55,7 @@ struct Band {
     band: PriorityBand,
     /// Where the stream announces the band's stored tasks.
     subject: String,
-    /// Announced since its last pull (or never to be skipped: see
-    /// [`Arrivals::take_due`]).
+    /// Announced since its last pull, or marked for another pull.
     dirty: AtomicBool,
     /// The band's state; the guard stops its announcement watcher.
     state: Mutex<BandState>,
