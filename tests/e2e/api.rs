@@ -356,21 +356,13 @@ async fn a_dead_letter_is_replayed_right_after_its_first_publish(kind: BackendKi
         .await
         .unwrap();
     let (status, page) = cluster
-        .send(
-            cluster
-                .http
-                .get(format!("{}/dead-letters?task_id={id}", cluster.base_url)),
-        )
+        .get_path(&format!("/dead-letters?task_id={id}"))
         .await;
     assert_eq!(status, 200, "{page}");
     let seq = page["dead_letters"][0]["seq"].as_u64().unwrap();
 
     let (status, body) = cluster
-        .send(
-            cluster
-                .http
-                .post(format!("{}/dead-letters/{seq}/replay", cluster.base_url)),
-        )
+        .post_path(&format!("/dead-letters/{seq}/replay"))
         .await;
     assert_eq!(status, 202, "{body}");
     let done = cluster.wait_final(&id, WAIT).await;

@@ -21,13 +21,7 @@ crate::on_both_backends!(
 );
 
 async fn cancel(cluster: &TestCluster, id: &str) -> (u16, Value) {
-    cluster
-        .send(
-            cluster
-                .http
-                .post(format!("{}/tasks/{id}/cancel", cluster.base_url)),
-        )
-        .await
+    cluster.post_path(&format!("/tasks/{id}/cancel")).await
 }
 
 async fn a_cancelled_queued_task_never_starts(kind: BackendKind) {

@@ -138,13 +138,7 @@ async fn messages_published_by_another_system_are_run_or_dead_lettered() {
 async fn wait_dead_letters(cluster: &TestCluster, count: usize) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (status, body) = cluster
-            .send(
-                cluster
-                    .http
-                    .get(format!("{}/dead-letters", cluster.base_url)),
-            )
-            .await;
+        let (status, body) = cluster.get_path("/dead-letters").await;
         assert_eq!(status, 200, "{body}");
         let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
         if letters.len() >= count {

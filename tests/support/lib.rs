@@ -190,7 +190,18 @@ impl TestCluster {
 
     /// `GET /tasks/{id}`.
     pub async fn get(&self, id: &str) -> (u16, Value) {
-        self.send(self.http.get(format!("{}/tasks/{id}", self.base_url)))
+        self.get_path(&format!("/tasks/{id}")).await
+    }
+
+    /// `GET` of `path` (from the first `/`, query included).
+    pub async fn get_path(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.base_url)))
+            .await
+    }
+
+    /// `POST` of `path` with no body.
+    pub async fn post_path(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.base_url)))
             .await
     }
 
