@@ -351,6 +351,8 @@ mod tests {
             batch: 1,
             consumers: 1,
             double_ack: false,
+            msg_ids: false,
+            republish: false,
             message_bytes: 1,
             value_bytes: 1,
             publish_secs: 1.0,

@@ -59,6 +59,14 @@ enum Command {
         /// Wait for the server to confirm every ack.
         #[arg(long)]
         double_ack: bool,
+        /// Give every publish a `Nats-Msg-Id` (the stream's duplicate
+        /// window then tracks it), as the intake does.
+        #[arg(long)]
+        msg_ids: bool,
+        /// Have the stream republish each stored message's headers (an
+        /// announcement per message), to measure what that costs the server.
+        #[arg(long)]
+        republish: bool,
         /// Give up after this long.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         max_duration: Duration,
@@ -104,6 +112,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             batch,
             consumers,
             double_ack,
+            msg_ids,
+            republish,
             max_duration,
             watch,
             name,
@@ -122,6 +132,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 batch,
                 consumers,
                 double_ack,
+                msg_ids,
+                republish,
                 max_duration,
                 watch,
             };

@@ -54,6 +54,12 @@ pub struct RawConfig {
     /// Wait for the server to confirm each ack (`AckAck`), as a worker that
     /// must not lose an ack does, instead of fire-and-forget acks.
     pub double_ack: bool,
+    /// Give each publish a `Nats-Msg-Id`, so the stream tracks it in its
+    /// duplicate window, as the intake's publishes are.
+    pub msg_ids: bool,
+    /// Have the stream republish the headers of each stored message (an
+    /// announcement per message), to measure what that costs the server.
+    pub republish: bool,
     /// Give up after this long.
     pub max_duration: Duration,
     /// Processes (`NAME=PID`, typically the NATS and Redis servers) whose
@@ -80,6 +86,12 @@ pub struct RawReport {
     pub consumers: usize,
     /// Whether acks were confirmed.
     pub double_ack: bool,
+    /// Whether publishes carried a `Nats-Msg-Id`.
+    #[serde(default)]
+    pub msg_ids: bool,
+    /// Whether the stream republished each stored message's headers.
+    #[serde(default)]
+    pub republish: bool,
     /// Bytes of each message.
     pub message_bytes: usize,
     /// Bytes of each Redis value.
@@ -122,6 +134,13 @@ impl RawReport {
             self.message_bytes,
             self.value_bytes,
         );
+        if self.msg_ids || self.republish {
+            out.push_str(&format!(
+                "  stream       message ids {}, republish {}\n",
+                if self.msg_ids { "on" } else { "off" },
+                if self.republish { "on" } else { "off" },
+            ));
+        }
         if !self.cpu.is_empty() {
             out.push_str(&format!(
                 "  cpu          µs per message: {}\n",
@@ -228,6 +247,11 @@ async fn measure(config: &RawConfig, names: &Names) -> Result<RawReport, RawErro
             subjects: vec![names.subject.clone()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
+            republish: config.republish.then(|| stream::Republish {
+                source: names.subject.clone(),
+                destination: format!("{}.stored", names.subject),
+                headers_only: true,
+            }),
             ..Default::default()
         })
         .await
@@ -282,6 +306,7 @@ async fn measure(config: &RawConfig, names: &Names) -> Result<RawReport, RawErro
         message.clone(),
         config.count,
         config.window,
+        config.msg_ids,
     );
     let (published, publish_done) = match tokio::time::timeout_at(deadline.into(), publishing).await
     {
@@ -327,6 +352,8 @@ async fn measure(config: &RawConfig, names: &Names) -> Result<RawReport, RawErro
         batch: config.batch,
         consumers: config.consumers,
         double_ack: config.double_ack,
+        msg_ids: config.msg_ids,
+        republish: config.republish,
         message_bytes: message.len(),
         value_bytes: value.len(),
         publish_secs,
@@ -345,14 +372,24 @@ async fn publish(
     payload: Bytes,
     count: u64,
     window: usize,
+    msg_ids: bool,
 ) -> Result<(u64, Instant), RawError> {
     let mut unconfirmed = VecDeque::with_capacity(window);
     let mut confirmed = 0;
-    for _ in 0..count {
-        let ack = js
-            .publish(subject.clone(), payload.clone())
-            .await
-            .map_err(nats_err)?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    for n in 0..count {
+        let ack = if msg_ids {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{run}-{n}").as_str(),
+            );
+            js.publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+        } else {
+            js.publish(subject.clone(), payload.clone()).await
+        }
+        .map_err(nats_err)?;
         unconfirmed.push_back(ack);
         if unconfirmed.len() >= window
             && let Some(oldest) = unconfirmed.pop_front()

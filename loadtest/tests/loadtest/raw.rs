@@ -7,7 +7,9 @@ use claudecluster_testkit::services;
 
 use crate::helpers::unique_name;
 
-fn config(name: &str, double_ack: bool) -> RawConfig {
+/// A small run; `like_tasks` turns on the task stream's features (acks
+/// confirmed, message ids, republish).
+fn config(name: &str, like_tasks: bool) -> RawConfig {
     RawConfig {
         nats_url: services::nats_url(),
         redis_url: services::redis_url(),
@@ -16,7 +18,9 @@ fn config(name: &str, double_ack: bool) -> RawConfig {
         window: 64,
         batch: 50,
         consumers: 2,
-        double_ack,
+        double_ack: like_tasks,
+        msg_ids: like_tasks,
+        republish: like_tasks,
         max_duration: Duration::from_secs(60),
         watch: Vec::new(),
     }
@@ -57,11 +61,11 @@ async fn every_message_is_published_written_and_acked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn confirmed_acks_move_every_message_too() {
+async fn confirmed_acks_message_ids_and_republish_move_every_message_too() {
     let name = unique_name("CCRAWTEST");
     let report = raw::run(&config(&name, true)).await.unwrap();
     assert_eq!(report.consumed, 3_000);
-    assert!(report.double_ack);
+    assert!(report.double_ack && report.msg_ids && report.republish);
     assert_nothing_left(&name).await;
 }
 
