@@ -1,39 +1,47 @@
-//! Which bands have had tasks published to them since they were last
-//! pulled, so an idle worker sleeps until there is work and then pulls only
-//! where the work is.
+//! How a worker learns that a band has work without polling it: a *watch*,
+//! a pull of one message parked on the server, per band that was last
+//! found empty.
 //!
-//! The task stream republishes the headers of every message it stores to
-//! `<subject_prefix>.stored.<band>` (`republish` in
-//! `broker-config/nats/stream-tasks.json`). Announcements come after the
-//! message is stored, so the pull they trigger finds it, and they are
-//! outside the stream's subjects, so while the stream is missing a publish
-//! still gets "no responders" and the publisher repairs the stream.
+//! A watch is a pull request without `no_wait`: the server holds it until a
+//! message comes for the band (new, or back after a nak or an expired
+//! lease), and delivers that message straight to the worker. So an idle
+//! worker costs nothing until work arrives, and the work arrives with the
+//! news of it, without a second round trip to fetch it. Each band's watches
+//! answer to an inbox of their own, which a background task reads:
 //!
-//! Each band is either *listened to* or *busy*:
+//! - A delivery is *held* for the next [`Arrivals::take_held`] and wakes the
+//!   waiting worker. When the delivery says more messages are pending, the
+//!   band is marked dirty, so the next pass pulls the rest in one batch.
+//! - The server ends an unfulfilled watch after [`WATCH_EXPIRES`] with a
+//!   status; the worker is woken to park a new one.
 //!
-//! - A listened band has a subscription to its announcements, and a
-//!   background task marks it dirty on each one. It is pulled only when
-//!   dirty. This is the state of a band that the worker keeps finding empty:
-//!   an idle worker costs nothing, and the subscription survives idle
-//!   periods, so going idle and waking again costs no subscribe and
-//!   unsubscribe.
-//! - A band whose pulls have come back with work for [`BUSY_AFTER`], with no
-//!   wait for work in between, stops listening: it is pulled on every pass
-//!   anyway (so the worker does not wait while it is busy), and its
-//!   announcements (one message per stored task and worker) would only cost
-//!   the server and the worker. The first pull that finds it empty makes it
-//!   listened again; the band is then pulled once more, because a task
-//!   stored before the server took the subscription would not be announced.
+//! A band is watched when it is neither dirty nor watched already: after
+//! each pass (a band whose pull came back short is empty now), and before
+//! the worker waits. A band that keeps filling its pulls is marked dirty by
+//! the caller and pulled on every pass instead. A watch counts one message
+//! more than the permits the caller asked for, so a delivery may find the
+//! worker full: it is held until the next pass, and handed back to the queue
+//! (nak) if no pass takes it within [`HOLD`].
 //!
-//! What nobody announces (a redelivery after a nak or an expired lease, a
-//! store missed while disconnected, a stream created without `republish`) is
-//! found by a full pass over every band at least once per
-//! [`FULL_PASS_EVERY`].
+//! Why not have the stream announce each stored message (`republish`) and
+//! pull on the announcement: with message ids on the stream, announcing
+//! costs the server about as much CPU per task as storing it
+//! (`claudecluster-rawbench --msg-ids --republish`), and each wake-up would
+//! take a second round trip for the pull.
+//!
+//! A watch the server forgot (a restart) is given up [`WATCH_LOST_AFTER`]
+//! after it was parked; until then, and for anything else missed, a full
+//! pass over every band at least once per [`FULL_PASS_EVERY`] finds it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use async_nats::StatusCode;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::BatchConfig;
+use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -46,37 +54,51 @@ use super::unavailable;
 /// The longest a band goes without a pull while its worker waits for work.
 pub(super) const FULL_PASS_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a band's pulls must keep finding work, with no wait for work in
-/// between, before it stops listening to its announcements.
-pub(super) const BUSY_AFTER: Duration = Duration::from_millis(100);
+/// How long the server keeps a watch parked.
+pub(super) const WATCH_EXPIRES: Duration = Duration::from_secs(20);
+
+/// How long after its expiry a watch that neither delivered nor ended is
+/// taken as lost.
+const WATCH_LOST_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a delivery to a watch waits for a pass to take it before it is
+/// handed back to the queue.
+pub(super) const HOLD: Duration = Duration::from_millis(500);
 
 /// One band as [`Arrivals`] sees it.
 struct Band {
     band: PriorityBand,
-    /// Where the stream announces the band's stored tasks.
-    subject: String,
-    /// Announced since its last pull, or marked for another pull.
+    consumer: PullConsumer,
+    /// The band's watch inbox: watch `n` answers to `<prefix>.<n>`.
+    prefix: String,
+    /// May hold work: pull it on the next pass.
     dirty: AtomicBool,
-    /// The band's state; the guard stops its announcement watcher.
     state: Mutex<BandState>,
 }
 
 #[derive(Default)]
 struct BandState {
-    /// Present while the band is listened to.
-    listening: Option<DropGuard>,
-    /// Since when every pull of the band has found work.
-    busy_since: Option<Instant>,
+    /// The number of the last watch sent.
+    sent: u64,
+    /// The watch parked now, and when it was sent.
+    parked: Option<(u64, Instant)>,
+    /// Deliveries to watches not handed out yet, oldest first, with when
+    /// they came.
+    held: VecDeque<(Instant, async_nats::Message)>,
 }
 
-/// The dirty bands of one broker, kept current by background tasks.
+/// The watches of one broker's bands, and the deliveries they brought.
 pub(super) struct Arrivals {
-    client: async_nats::Client,
+    js: jetstream::Context,
     /// In pull order.
     bands: Vec<Band>,
     notify: Notify,
     /// When the next full pass is due.
     next_full_pass: Mutex<Instant>,
+    /// How long the server keeps a watch ([`WATCH_EXPIRES`]).
+    watch_expires: Duration,
+    /// Stops the inbox readers when the broker goes.
+    _stop: DropGuard,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,69 +106,87 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Arrivals {
-    /// Starts listening to every band's announcements: `subjects` holds each
-    /// band's announcement subject, in pull order. Every band starts dirty:
-    /// nothing is known yet.
+    /// Opens a watch inbox for every band (`lanes`, in pull order). Every
+    /// band starts dirty: nothing is known yet, and the first pass parks
+    /// the watches.
     ///
     /// # Errors
-    /// When a subscription cannot be made.
+    /// When an inbox cannot be subscribed to.
     pub(super) async fn start(
-        client: async_nats::Client,
-        subjects: Vec<(PriorityBand, String)>,
+        client: &async_nats::Client,
+        js: jetstream::Context,
+        lanes: Vec<(PriorityBand, PullConsumer)>,
     ) -> Result<Arc<Self>, BrokerError> {
+        Self::start_with(client, js, lanes, WATCH_EXPIRES).await
+    }
+
+    async fn start_with(
+        client: &async_nats::Client,
+        js: jetstream::Context,
+        lanes: Vec<(PriorityBand, PullConsumer)>,
+        watch_expires: Duration,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let stop = CancellationToken::new();
+        let mut bands = Vec::with_capacity(lanes.len());
+        let mut inboxes = Vec::with_capacity(lanes.len());
+        for (band, consumer) in lanes {
+            let prefix = client.new_inbox();
+            let inbox = client
+                .subscribe(format!("{prefix}.*"))
+                .await
+                .map_err(|e| unavailable("cannot subscribe for watches", e))?;
+            inboxes.push(inbox);
+            bands.push(Band {
+                band,
+                consumer,
+                prefix,
+                dirty: AtomicBool::new(true),
+                state: Mutex::default(),
+            });
+        }
         let arrivals = Arc::new(Self {
-            client,
-            bands: subjects
-                .into_iter()
-                .map(|(band, subject)| Band {
-                    band,
-                    subject,
-                    dirty: AtomicBool::new(true),
-                    state: Mutex::default(),
-                })
-                .collect(),
+            js,
+            bands,
             notify: Notify::new(),
             next_full_pass: Mutex::new(Instant::now() + FULL_PASS_EVERY),
+            watch_expires,
+            _stop: stop.clone().drop_guard(),
         });
-        for index in 0..arrivals.bands.len() {
-            arrivals.listen(index).await?;
+        for (index, inbox) in inboxes.into_iter().enumerate() {
+            tokio::spawn(read_inbox(
+                inbox,
+                Arc::downgrade(&arrivals),
+                index,
+                stop.clone(),
+            ));
         }
         Ok(arrivals)
     }
 
-    /// Subscribes to band `index`'s announcements, unless that is done.
-    async fn listen(self: &Arc<Self>, index: usize) -> Result<(), BrokerError> {
-        let band = &self.bands[index];
-        if lock(&band.state).listening.is_some() {
-            return Ok(());
+    /// Up to `max` held deliveries, highest band first.
+    pub(super) fn take_held(&self, max: usize) -> Vec<(PriorityBand, async_nats::Message)> {
+        let mut out = Vec::new();
+        for b in &self.bands {
+            if out.len() >= max {
+                break;
+            }
+            let mut state = lock(&b.state);
+            while out.len() < max {
+                let Some((_, message)) = state.held.pop_front() else {
+                    break;
+                };
+                out.push((b.band, message));
+            }
         }
-        let subscriber = self
-            .client
-            .subscribe(band.subject.clone())
-            .await
-            .map_err(|e| unavailable("cannot subscribe for arrivals", e))?;
-        let stop = CancellationToken::new();
-        let mut state = lock(&band.state);
-        if state.listening.is_some() {
-            return Ok(()); // another pull got there first; this one is dropped
-        }
-        state.listening = Some(stop.clone().drop_guard());
-        drop(state);
-        tokio::spawn(watch(subscriber, Arc::downgrade(self), index, stop));
-        Ok(())
-    }
-
-    fn next_full_pass(&self) -> MutexGuard<'_, Instant> {
-        lock(&self.next_full_pass)
+        out
     }
 
     /// The bands to pull now, in pull order, each marked clean: the dirty
-    /// ones and the busy ones (nobody announces their tasks), or every band
-    /// when a full pass is due.
+    /// ones, or every band when a full pass is due.
     pub(super) fn take_due(&self) -> Vec<PriorityBand> {
         let now = Instant::now();
         let full = {
-            let mut next = self.next_full_pass();
+            let mut next = lock(&self.next_full_pass);
             let due = now >= *next;
             if due {
                 *next = now + FULL_PASS_EVERY;
@@ -156,10 +196,8 @@ impl Arrivals {
         self.bands
             .iter()
             // Cleared even on a full pass: the pull about to go out covers
-            // every store announced so far.
-            .filter(|b| {
-                b.dirty.swap(false, Ordering::AcqRel) | full | lock(&b.state).listening.is_none()
-            })
+            // everything known so far.
+            .filter(|b| b.dirty.swap(false, Ordering::AcqRel) | full)
             .map(|b| b.band)
             .collect()
     }
@@ -172,184 +210,389 @@ impl Arrivals {
         }
     }
 
-    /// Takes note of what a pull of `band` brought: a band that keeps
-    /// bringing work stops listening, an empty one listens again (and is
-    /// pulled once more, see the module documentation).
+    /// Parks a watch on every band that is neither dirty nor watched.
     ///
     /// # Errors
-    /// When the subscription of a band that came back empty cannot be made;
-    /// the band stays busy, so it is still pulled on every pass.
-    pub(super) async fn pulled(
-        self: &Arc<Self>,
-        band: PriorityBand,
-        got: usize,
-    ) -> Result<(), BrokerError> {
-        let Some(index) = self.bands.iter().position(|b| b.band == band) else {
-            return Ok(());
-        };
-        let b = &self.bands[index];
-        let listening = {
-            let mut state = lock(&b.state);
-            if got > 0 {
-                let now = Instant::now();
-                let since = *state.busy_since.get_or_insert(now);
-                if now.duration_since(since) >= BUSY_AFTER && state.listening.is_some() {
-                    tracing::debug!(
-                        band = band.as_str(),
-                        "band busy; not listening to its announcements"
-                    );
-                    state.listening = None;
-                }
-                return Ok(());
+    /// When a watch cannot be sent; the band is marked dirty, so the next
+    /// pass pulls it (and reports the trouble).
+    pub(super) async fn watch_idle(&self) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut result = Ok(());
+        for b in &self.bands {
+            if b.dirty.load(Ordering::Acquire) {
+                continue;
             }
-            state.busy_since = None;
-            state.listening.is_some()
-        };
-        if !listening {
-            self.listen(index).await?;
-            tracing::debug!(
-                band = band.as_str(),
-                "band empty; listening to its announcements"
-            );
-            b.dirty.store(true, Ordering::Release);
+            let reply = {
+                let mut state = lock(&b.state);
+                match state.parked {
+                    Some((_, since))
+                        if now.duration_since(since) < self.watch_expires + WATCH_LOST_AFTER =>
+                    {
+                        continue;
+                    }
+                    _ => {}
+                }
+                state.sent += 1;
+                state.parked = Some((state.sent, now));
+                format!("{}.{}", b.prefix, state.sent)
+            };
+            let watch = BatchConfig {
+                batch: 1,
+                expires: Some(self.watch_expires),
+                ..BatchConfig::default()
+            };
+            if let Err(e) = b.consumer.request_batch(watch, reply.into()).await {
+                lock(&b.state).parked = None;
+                b.dirty.store(true, Ordering::Release);
+                result = Err(unavailable("cannot park a watch", e));
+            }
         }
-        Ok(())
+        result
     }
 
-    /// Waits until a band is announced or the next full pass is due.
-    ///
-    /// A worker that waits has found nothing to pull: whatever busy time its
-    /// bands had ends here. (A worker that takes each task as it is announced
-    /// never pulls a band empty, but it waits between tasks, and must keep
-    /// listening.)
+    /// Parks the watches, then waits until a watch delivers or expires, or
+    /// the next full pass is due.
     pub(super) async fn wait(&self) {
-        for b in &self.bands {
-            lock(&b.state).busy_since = None;
+        if let Err(e) = self.watch_idle().await {
+            tracing::warn!(error = %e, "cannot watch for arrivals");
         }
-        let deadline = *self.next_full_pass();
+        let deadline = *lock(&self.next_full_pass);
         let _ = tokio::time::timeout_at(deadline, self.notify.notified()).await;
+    }
+
+    /// Takes one message from band `index`'s watch inbox.
+    fn received(&self, index: usize, message: async_nats::Message) {
+        let b = &self.bands[index];
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                let delivery = jetstream::Message {
+                    message,
+                    context: self.js.clone(),
+                };
+                let more = delivery.info().is_ok_and(|info| info.pending > 0);
+                let mut state = lock(&b.state);
+                // A watch brings one message: whichever was parked is done.
+                // (Were two parked, the other one's delivery is simply held
+                // too.)
+                state.parked = None;
+                state.held.push_back((Instant::now(), delivery.message));
+                drop(state);
+                if more {
+                    b.dirty.store(true, Ordering::Release);
+                }
+                self.notify.notify_one();
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => {}
+            Some(status) => {
+                let mut state = lock(&b.state);
+                let current = state
+                    .parked
+                    .is_some_and(|(n, _)| message.subject.as_str() == format!("{}.{n}", b.prefix));
+                if !current {
+                    return; // the end of a watch already given up
+                }
+                state.parked = None;
+                drop(state);
+                if status != StatusCode::TIMEOUT {
+                    // The consumer went away, or the server refused the
+                    // watch: a pull finds out which, and repairs.
+                    tracing::debug!(
+                        band = b.band.as_str(),
+                        %status,
+                        reason = ?message.description,
+                        "watch ended"
+                    );
+                    b.dirty.store(true, Ordering::Release);
+                }
+                // Woken, the worker parks a new watch or pulls.
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    /// When band `index`'s oldest held delivery is due to be handed back.
+    fn hold_deadline(&self, index: usize) -> Option<Instant> {
+        lock(&self.bands[index].state)
+            .held
+            .front()
+            .map(|(at, _)| *at + HOLD)
+    }
+
+    /// Hands back band `index`'s deliveries held for [`HOLD`] or longer.
+    async fn hand_back_stale(&self, index: usize) {
+        let now = Instant::now();
+        let stale: Vec<async_nats::Message> = {
+            let mut state = lock(&self.bands[index].state);
+            let mut stale = Vec::new();
+            while state
+                .held
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) >= HOLD)
+            {
+                if let Some((_, message)) = state.held.pop_front() {
+                    stale.push(message);
+                }
+            }
+            stale
+        };
+        for message in stale {
+            tracing::debug!(
+                band = self.bands[index].band.as_str(),
+                "no room for a watched delivery; handing it back"
+            );
+            let message = jetstream::Message {
+                message,
+                context: self.js.clone(),
+            };
+            if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::debug!(error = %e, "cannot hand back a watched delivery");
+            }
+        }
     }
 }
 
-/// Marks band `index` dirty on every announcement until `stop` (the band
-/// stopped listening), or until the broker is gone.
-async fn watch(
-    mut subscriber: async_nats::Subscriber,
+/// Reads band `index`'s watch inbox until `stop` (the broker went) or the
+/// client closes, handing back what is held too long.
+async fn read_inbox(
+    mut inbox: async_nats::Subscriber,
     arrivals: Weak<Arrivals>,
     index: usize,
     stop: CancellationToken,
 ) {
     loop {
+        let deadline = arrivals.upgrade().and_then(|a| a.hold_deadline(index));
         let message = tokio::select! {
             () = stop.cancelled() => return,
-            message = subscriber.next() => message,
+            message = inbox.next() => message,
+            () = sleep_until(deadline) => {
+                if let Some(arrivals) = arrivals.upgrade() {
+                    arrivals.hand_back_stale(index).await;
+                }
+                continue;
+            }
         };
-        if message.is_none() {
+        let Some(message) = message else {
             return; // the client closed
-        }
+        };
         let Some(arrivals) = arrivals.upgrade() else {
             return;
         };
-        arrivals.bands[index].dirty.store(true, Ordering::Release);
-        arrivals.notify.notify_one();
+        arrivals.received(index, message);
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::{consumer, stream};
     use claudecluster_testkit::services;
 
     use super::*;
 
-    fn listening(arrivals: &Arrivals) -> bool {
-        lock(&arrivals.bands[0].state).listening.is_some()
+    /// A work-queue stream with one pull consumer, named uniquely.
+    struct Queue {
+        js: jetstream::Context,
+        client: async_nats::Client,
+        name: String,
+        consumer: PullConsumer,
     }
 
-    /// Messages the client has received so far.
-    fn received(client: &async_nats::Client) -> u64 {
-        client
-            .statistics()
-            .in_messages
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
+    impl Queue {
+        async fn new() -> Self {
+            let client = async_nats::connect(services::nats_url()).await.unwrap();
+            let js = jetstream::new(client.clone());
+            let name = services::unique("CCARRIVALS").replace(['.', '-', ':'], "_");
+            let stream = js
+                .create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{name}.tasks")],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let consumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some("workers".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            Self {
+                js,
+                client,
+                name,
+                consumer,
+            }
+        }
 
-    async fn announce(publisher: &async_nats::Client, subject: &str, arrivals: &Arrivals) {
-        publisher
-            .publish(subject.to_owned(), bytes::Bytes::new())
-            .await
-            .unwrap();
-        publisher.flush().await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), arrivals.wait())
-            .await
-            .expect("the announcement wakes the waiter");
-    }
-
-    #[tokio::test]
-    async fn a_busy_band_stops_listening_until_a_pull_finds_it_empty() {
-        let worker = async_nats::connect(services::nats_url()).await.unwrap();
-        let publisher = async_nats::connect(services::nats_url()).await.unwrap();
-        let subject = services::unique("arrivals.stored.");
-        let arrivals = Arrivals::start(
-            worker.clone(),
-            vec![(PriorityBand::Normal, subject.clone())],
-        )
-        .await
-        .unwrap();
-        let normal = [PriorityBand::Normal];
-
-        // Listened to: pulled only when announced.
-        assert_eq!(arrivals.take_due(), normal, "every band starts dirty");
-        assert!(arrivals.take_due().is_empty());
-        worker.flush().await.unwrap(); // the subscription is in place
-        announce(&publisher, &subject, &arrivals).await;
-        assert_eq!(arrivals.take_due(), normal);
-        assert!(arrivals.take_due().is_empty());
-
-        // Pulls that keep finding work for BUSY_AFTER: no more listening,
-        // and the band is due on every pass.
-        arrivals.pulled(PriorityBand::Normal, 8).await.unwrap();
-        assert!(listening(&arrivals), "busy, but not for long yet");
-        tokio::time::sleep(BUSY_AFTER + Duration::from_millis(20)).await;
-        arrivals.pulled(PriorityBand::Normal, 8).await.unwrap();
-        assert!(!listening(&arrivals));
-        assert_eq!(arrivals.take_due(), normal);
-        assert_eq!(arrivals.take_due(), normal);
-        // The server no longer sends the announcements.
-        worker.flush().await.unwrap();
-        let before = received(&worker);
-        for _ in 0..10 {
-            publisher
-                .publish(subject.clone(), bytes::Bytes::new())
+        async fn publish(&self, body: &'static str) {
+            self.js
+                .publish(format!("{}.tasks", self.name), body.into())
+                .await
+                .unwrap()
                 .await
                 .unwrap();
         }
-        publisher.flush().await.unwrap();
-        worker.flush().await.unwrap();
-        assert_eq!(received(&worker), before, "announcements of a busy band");
 
-        // The first empty pull listens again, and asks for one more pull
-        // for what was stored before the subscription took.
-        arrivals.pulled(PriorityBand::Normal, 0).await.unwrap();
-        assert!(listening(&arrivals));
-        assert_eq!(arrivals.take_due(), normal);
+        async fn arrivals(&self) -> Arc<Arrivals> {
+            self.arrivals_expiring(WATCH_EXPIRES).await
+        }
+
+        async fn arrivals_expiring(&self, watch_expires: Duration) -> Arc<Arrivals> {
+            Arrivals::start_with(
+                &self.client,
+                self.js.clone(),
+                vec![(PriorityBand::Normal, self.consumer.clone())],
+                watch_expires,
+            )
+            .await
+            .unwrap()
+        }
+
+        /// Pull requests parked on the consumer.
+        async fn parked(&mut self) -> usize {
+            self.consumer.info().await.unwrap().num_waiting
+        }
+
+        async fn delete(self) {
+            self.js.delete_stream(&self.name).await.unwrap();
+        }
+    }
+
+    async fn ack(queue: &Queue, held: Vec<(PriorityBand, async_nats::Message)>) {
+        for (_, message) in held {
+            jetstream::Message {
+                message,
+                context: queue.js.clone(),
+            }
+            .ack()
+            .await
+            .unwrap();
+        }
+    }
+
+    /// Waits until a watch has delivered. (Not through `wait`, which would
+    /// park another watch.)
+    async fn delivered(arrivals: &Arrivals) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while arrivals.hold_deadline(0).is_none() {
+            assert!(Instant::now() < deadline, "no delivery");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_brings_the_next_message_and_says_when_more_wait() {
+        let mut queue = Queue::new().await;
+        let arrivals = queue.arrivals().await;
+        let normal = [PriorityBand::Normal];
+
+        assert_eq!(arrivals.take_due(), normal, "every band starts dirty");
         assert!(arrivals.take_due().is_empty());
-        worker.flush().await.unwrap();
-        announce(&publisher, &subject, &arrivals).await;
+        arrivals.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        assert_eq!(queue.parked().await, 1);
+        arrivals.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        assert_eq!(queue.parked().await, 1, "one watch per band");
+
+        // The next message comes with the watch, and nothing more is due.
+        queue.publish("first").await;
+        delivered(&arrivals).await;
+        let held = arrivals.take_held(8);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].1.payload.as_ref(), b"first");
+        assert!(arrivals.take_due().is_empty(), "nothing else pending");
+        ack(&queue, held).await;
+
+        // With two waiting, the watch brings one and marks the band dirty:
+        // the next pass pulls the rest.
+        queue.publish("second").await;
+        queue.publish("third").await;
+        arrivals.watch_idle().await.unwrap();
+        delivered(&arrivals).await;
+        let held = arrivals.take_held(8);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].1.payload.as_ref(), b"second");
         assert_eq!(arrivals.take_due(), normal);
+        ack(&queue, held).await;
+        queue.delete().await;
+    }
 
-        // A wait for work in between starts the busy time again: a worker
-        // that is woken for each task never pulls the band empty.
-        arrivals.pulled(PriorityBand::Normal, 1).await.unwrap();
-        tokio::time::sleep(BUSY_AFTER + Duration::from_millis(20)).await;
-        let _ = tokio::time::timeout(Duration::from_millis(10), arrivals.wait()).await;
-        arrivals.pulled(PriorityBand::Normal, 1).await.unwrap();
-        assert!(listening(&arrivals));
+    #[tokio::test]
+    async fn a_delivery_nobody_takes_goes_back_to_the_queue() {
+        let mut queue = Queue::new().await;
+        let arrivals = queue.arrivals().await;
+        arrivals.take_due();
+        arrivals.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        queue.publish("unwanted").await;
+        delivered(&arrivals).await;
 
-        // So does a single empty pull.
-        arrivals.pulled(PriorityBand::Normal, 8).await.unwrap();
-        tokio::time::sleep(BUSY_AFTER + Duration::from_millis(20)).await;
-        arrivals.pulled(PriorityBand::Normal, 0).await.unwrap();
-        arrivals.pulled(PriorityBand::Normal, 8).await.unwrap();
-        assert!(listening(&arrivals));
+        // Nobody takes it: after HOLD it is handed back, and another pull
+        // gets it as a second delivery.
+        tokio::time::sleep(HOLD + Duration::from_millis(300)).await;
+        assert!(arrivals.take_held(8).is_empty(), "handed back");
+        let mut again = queue
+            .consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        let message = again.next().await.unwrap().unwrap();
+        assert_eq!(message.payload.as_ref(), b"unwanted");
+        assert_eq!(message.info().unwrap().delivered, 2);
+        message.ack().await.unwrap();
+        assert_eq!(queue.parked().await, 0);
+        queue.delete().await;
+    }
+
+    #[tokio::test]
+    async fn dirty_bands_are_not_watched() {
+        let mut queue = Queue::new().await;
+        let arrivals = queue.arrivals().await;
+        // Still dirty: pulled on the next pass, so no watch.
+        arrivals.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        assert_eq!(queue.parked().await, 0);
+        arrivals.take_due();
+        arrivals.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        assert_eq!(queue.parked().await, 1);
+        queue.delete().await;
+    }
+
+    #[tokio::test]
+    async fn an_expired_watch_wakes_the_worker_to_park_another() {
+        let mut queue = Queue::new().await;
+        let arrivals = queue.arrivals_expiring(Duration::from_millis(300)).await;
+        arrivals.take_due();
+        // The watch expires before the full pass is due: its end wakes the
+        // waiter, and the next wait parks a new one.
+        tokio::time::timeout(
+            FULL_PASS_EVERY - Duration::from_millis(100),
+            arrivals.wait(),
+        )
+        .await
+        .expect("woken by the expiry");
+        assert!(arrivals.take_due().is_empty(), "an expiry is not work");
+        arrivals.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        assert_eq!(queue.parked().await, 1);
+        queue.publish("late").await;
+        delivered(&arrivals).await;
+        ack(&queue, arrivals.take_held(1)).await;
+        queue.delete().await;
     }
 }

@@ -2,13 +2,13 @@
 //! worker has permits for.
 //!
 //! Each pull is a no-wait fetch of exactly the remaining permits, so a busy
-//! worker never holds messages it cannot start (they stay available to other
-//! workers). A worker pulls only the bands that [`Arrivals`] says may hold
-//! work (the stream announced a stored task, the band has been busy, or a
-//! full pass is due). With none, it does not poll in a loop and does not
-//! park a long pull on one band (a high-priority arrival would then wait
-//! behind it): it sleeps until a task is announced or the next full pass is
-//! due.
+//! worker holds no more messages than it can start (they stay available to
+//! other workers). A worker pulls only the bands that [`Arrivals`] says may
+//! hold work (a watch brought a message and more are pending, the last pull
+//! filled its batch, or a full pass is due). With none, it does not poll in
+//! a loop: each band has a one-message watch parked on the server, and the
+//! worker sleeps until one brings a task. Watches on every band at once mean
+//! a high-priority arrival never waits behind a long pull on another band.
 //!
 //! Each band keeps one reply inbox for all its pulls ([`Inbox`]): a pull is
 //! then a single request on the wire, not a subscribe, a request and an
@@ -165,8 +165,7 @@ impl Acker for JetStreamAcker {
 }
 
 impl JetStreamBroker {
-    /// Pulls what is available now, band by band, up to `max`. Returns the
-    /// deliveries and, for each band pulled to its end, how many it brought.
+    /// Pulls what is available now, band by band, up to `max`.
     ///
     /// # Errors
     /// When the first pull fails; a later failure returns what was already
@@ -176,15 +175,13 @@ impl JetStreamBroker {
         &self,
         max: usize,
         bands: impl Fn(PriorityBand) -> bool,
-    ) -> Result<(Vec<Delivery>, Vec<(PriorityBand, usize)>), PullError> {
+    ) -> Result<Vec<Delivery>, PullError> {
         let mut out = Vec::new();
-        let mut pulled = Vec::new();
         for lane in self.lanes.iter().filter(|lane| bands(lane.band)) {
             let want = max - out.len();
             if want == 0 {
                 break;
             }
-            let before = out.len();
             if let Err(e) = self.fetch(lane, want, &mut out).await {
                 if out.is_empty() {
                     return Err(e);
@@ -192,9 +189,8 @@ impl JetStreamBroker {
                 tracing::warn!(band = lane.band.as_str(), error = %BrokerError::from(e), "pull failed; handing out what was pulled");
                 break;
             }
-            pulled.push((lane.band, out.len() - before));
         }
-        Ok((out, pulled))
+        Ok(out)
     }
 
     /// One no-wait pull of up to `want` messages from a band.
@@ -353,7 +349,7 @@ impl JetStreamBroker {
         &self,
         max: usize,
         bands: impl Fn(PriorityBand) -> bool,
-    ) -> Result<(Vec<Delivery>, Vec<(PriorityBand, usize)>), BrokerError> {
+    ) -> Result<Vec<Delivery>, BrokerError> {
         match self.take_available(max, bands).await {
             Ok(pulled) => Ok(pulled),
             Err(PullError::Missing(e)) => {
@@ -397,41 +393,51 @@ impl TaskConsumer for JetStreamBroker {
         let arrivals = self
             .arrivals
             .get_or_try_init(|| async {
-                let stored = super::definitions::stored_subject_prefix(&self.settings);
-                let subjects = self
+                let lanes = self
                     .lanes
                     .iter()
-                    .map(|lane| (lane.band, format!("{stored}.{}", lane.band.as_str())))
+                    .map(|lane| (lane.band, lane.consumer.clone()))
                     .collect();
-                Arrivals::start(self.client.clone(), subjects).await
+                Arrivals::start(&self.client, self.js.clone(), lanes).await
             })
             .await?;
         loop {
+            // What the watches brought first: it is leased already.
+            let mut batch: Vec<Delivery> = arrivals
+                .take_held(max)
+                .into_iter()
+                .map(|(band, message)| self.delivery(message, band))
+                .collect();
             let due = arrivals.take_due();
-            if due.is_empty() {
-                arrivals.wait().await;
-                continue;
-            }
-            let (batch, pulled) = match self.pull_or_repair(max, |band| due.contains(&band)).await {
-                Ok(pulled) => pulled,
-                Err(e) => {
-                    arrivals.mark(&due);
-                    return Err(e);
-                }
-            };
-            if batch.len() >= max {
-                // A full batch may have left more behind.
+            let room = max - batch.len();
+            if room == 0 {
                 arrivals.mark(&due);
-            }
-            for (band, got) in pulled {
-                if let Err(e) = arrivals.pulled(band, got).await {
-                    // The band stays busy: pulled on every pass.
-                    tracing::warn!(band = band.as_str(), error = %e, "cannot listen for arrivals");
+            } else if !due.is_empty() {
+                match self.pull_or_repair(room, |band| due.contains(&band)).await {
+                    Ok(pulled) => {
+                        if pulled.len() >= room {
+                            // A full batch may have left more behind.
+                            arrivals.mark(&due);
+                        }
+                        batch.extend(pulled);
+                    }
+                    Err(e) => {
+                        arrivals.mark(&due);
+                        if batch.is_empty() {
+                            return Err(e);
+                        }
+                        tracing::warn!(error = %e, "pull failed; handing out what the watches brought");
+                    }
                 }
             }
             if !batch.is_empty() {
+                // Bands this pass found empty are watched from now on.
+                if let Err(e) = arrivals.watch_idle().await {
+                    tracing::warn!(error = %e, "cannot watch for arrivals");
+                }
                 return Ok(batch);
             }
+            arrivals.wait().await;
         }
     }
 

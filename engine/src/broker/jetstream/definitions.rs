@@ -22,14 +22,6 @@ pub fn band_subject(settings: &NatsSettings, band: PriorityBand) -> String {
     format!("{}.{}", settings.subject_prefix, band.as_str())
 }
 
-/// Where the task stream announces each task it has stored:
-/// `<subject_prefix>.stored.<band>`, headers only (see
-/// [`super::arrivals`]). Outside the stream's subjects, so a subscription to
-/// it never answers a publish in the stream's place.
-pub fn stored_subject_prefix(settings: &NatsSettings) -> String {
-    format!("{}.stored", settings.subject_prefix)
-}
-
 /// The durable consumer of one band: `<consumer_prefix>-<band>`.
 pub fn consumer_name(settings: &NatsSettings, band: PriorityBand) -> String {
     format!("{}-{}", settings.consumer_prefix, band.as_str())
@@ -62,11 +54,12 @@ impl Definitions {
             .collect();
         tasks.duplicate_window = Duration::from_millis(settings.duplicate_window_ms);
         tasks.num_replicas = settings.replicas.max(1);
-        tasks.republish = Some(stream::Republish {
-            source: format!("{}.>", settings.subject_prefix),
-            destination: format!("{}.>", stored_subject_prefix(settings)),
-            headers_only: true,
-        });
+        // The stream announces nothing. Workers learn of new tasks from pulls
+        // parked on the server (see `arrivals`); announcing each stored
+        // message that carries a message id would cost the server about as
+        // much as storing it. (A 2.9 server cannot remove `republish` from an
+        // existing stream: setup then warns and keeps the stream as it is.)
+        tasks.republish = None;
 
         let mut dead_letters: stream::Config =
             parse("stream-dead-letters.json", DEAD_LETTER_STREAM)?;
@@ -128,12 +121,7 @@ mod tests {
             d.tasks.subjects,
             ["t1.tasks.high", "t1.tasks.normal", "t1.tasks.low"]
         );
-        let announce = d.tasks.republish.as_ref().unwrap();
-        assert_eq!(
-            (announce.source.as_str(), announce.destination.as_str()),
-            ("t1.tasks.>", "t1.tasks.stored.>")
-        );
-        assert!(announce.headers_only);
+        assert_eq!(d.tasks.republish, None, "no announcements of stored tasks");
         assert_eq!(d.tasks.retention, RetentionPolicy::WorkQueue);
         assert_eq!(d.tasks.storage, StorageType::File);
         assert!(d.tasks.max_message_size >= 1024 * 1024);
