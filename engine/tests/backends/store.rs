@@ -117,7 +117,13 @@ pub async fn attempts_move_through_retry_to_success(b: &Backends) {
     assert_eq!(queued.attempt_history[0].error.as_ref(), Some(&failure));
     assert_eq!(queued.attempt_history[0].finished_at, Some(retry.at));
 
-    let outcome = b.store.start_attempt(&msg, "w2", Utc::now()).await.unwrap();
+    // A worker id that JSON must escape takes the script's slow path.
+    let odd_worker = "w2 \"odd\" \\ id\t";
+    let outcome = b
+        .store
+        .start_attempt(&msg, odd_worker, Utc::now())
+        .await
+        .unwrap();
     assert_eq!(outcome, StartOutcome::Started { attempt: 2 });
     let done = end(TaskState::Succeeded, Some(result("hello")), None);
     assert_eq!(
@@ -130,7 +136,8 @@ pub async fn attempts_move_through_retry_to_success(b: &Backends) {
     assert_eq!(finished.error, None);
     assert_eq!(finished.finished_at, Some(done.at));
     assert_eq!(finished.attempts, 2);
-    assert_eq!(finished.worker_id.as_deref(), Some("w2"));
+    assert_eq!(finished.worker_id.as_deref(), Some(odd_worker));
+    assert_eq!(finished.attempt_history[1].worker_id, odd_worker);
     let numbers: Vec<u32> = finished.attempt_history.iter().map(|a| a.number).collect();
     assert_eq!(numbers, [1, 2]);
     assert_eq!(

@@ -34,9 +34,17 @@ end
 -- Counted here rather than with HINCRBY: the script runs atomically, and one
 -- call fewer matters on a path every task takes.
 local n = (tonumber(attempts) or 0) + 1
+-- The attempt's JSON is spliced, not encoded, when the worker id needs no
+-- escaping (always, for ids the workers make): cjson costs more than the
+-- HSET. The timestamp is RFC 3339 and needs none either.
+local attempt
+if string.find(worker, '[%c"\\]') then
+  attempt = cjson.encode({number = n, worker_id = worker, started_at = at})
+else
+  attempt = '{"number":' .. n .. ',"worker_id":"' .. worker .. '","started_at":"' .. at .. '"}'
+end
 redis.call('HSET', h, 'state', 'running', 'attempts', n, 'worker_id', worker,
-  'started_at', at, 'updated_at', at,
-  'attempt:' .. n, cjson.encode({number = n, worker_id = worker, started_at = at}))
+  'started_at', at, 'updated_at', at, 'attempt:' .. n, attempt)
 redis.call('EXPIRE', h, ttl)
 index_move(prefix, id, score, cutoff, state or nil, 'running')
 publish(prefix, id, 'running')
