@@ -17,11 +17,18 @@
 //!
 //! A band is watched when it is neither dirty nor watched already: after
 //! each pass (a band whose pull came back short is empty now), and before
-//! the worker waits. A band that keeps filling its pulls is marked dirty by
-//! the caller and pulled on every pass instead. A watch counts one message
-//! more than the permits the caller asked for, so a delivery may find the
-//! worker full: it is held until the next pass, and handed back to the queue
-//! (nak) if no pass takes it within [`HOLD`].
+//! the worker waits, and only while the worker has a free permit. A band
+//! that keeps filling its pulls is marked dirty by the caller and pulled on
+//! every pass instead.
+//!
+//! Watches on three bands can bring more messages than the worker has free
+//! permits, and pulls may fill the worker after a watch was parked: such a
+//! delivery is held until the next pass (the worker calls for one as soon as
+//! a permit frees up). It is handed back to the queue (nak) only if no pass
+//! takes it within the hold time, half the lease and at most [`MAX_HOLD`]:
+//! long enough that a task is not passed from one full worker to the next
+//! (each hand-back counts a delivery against the consumer's
+//! `max_deliver`), short enough that an idle worker elsewhere gets it soon.
 //!
 //! Why not have the stream announce each stored message (`republish`) and
 //! pull on the announcement: with message ids on the stream, announcing
@@ -61,9 +68,9 @@ pub(super) const WATCH_EXPIRES: Duration = Duration::from_secs(20);
 /// taken as lost.
 const WATCH_LOST_AFTER: Duration = Duration::from_secs(5);
 
-/// How long a delivery to a watch waits for a pass to take it before it is
-/// handed back to the queue.
-pub(super) const HOLD: Duration = Duration::from_millis(500);
+/// The longest a delivery to a watch waits for a pass to take it before it
+/// is handed back to the queue.
+pub(super) const MAX_HOLD: Duration = Duration::from_secs(5);
 
 /// One band as [`Arrivals`] sees it.
 struct Band {
@@ -97,6 +104,8 @@ pub(super) struct Arrivals {
     next_full_pass: Mutex<Instant>,
     /// How long the server keeps a watch ([`WATCH_EXPIRES`]).
     watch_expires: Duration,
+    /// How long a delivery is held before it is handed back.
+    hold: Duration,
     /// Stops the inbox readers when the broker goes.
     _stop: DropGuard,
 }
@@ -108,7 +117,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Arrivals {
     /// Opens a watch inbox for every band (`lanes`, in pull order). Every
     /// band starts dirty: nothing is known yet, and the first pass parks
-    /// the watches.
+    /// the watches. `lease` is the consumers' ack wait.
     ///
     /// # Errors
     /// When an inbox cannot be subscribed to.
@@ -116,8 +125,9 @@ impl Arrivals {
         client: &async_nats::Client,
         js: jetstream::Context,
         lanes: Vec<(PriorityBand, PullConsumer)>,
+        lease: Duration,
     ) -> Result<Arc<Self>, BrokerError> {
-        Self::start_with(client, js, lanes, WATCH_EXPIRES).await
+        Self::start_with(client, js, lanes, WATCH_EXPIRES, (lease / 2).min(MAX_HOLD)).await
     }
 
     async fn start_with(
@@ -125,6 +135,7 @@ impl Arrivals {
         js: jetstream::Context,
         lanes: Vec<(PriorityBand, PullConsumer)>,
         watch_expires: Duration,
+        hold: Duration,
     ) -> Result<Arc<Self>, BrokerError> {
         let stop = CancellationToken::new();
         let mut bands = Vec::with_capacity(lanes.len());
@@ -150,6 +161,7 @@ impl Arrivals {
             notify: Notify::new(),
             next_full_pass: Mutex::new(Instant::now() + FULL_PASS_EVERY),
             watch_expires,
+            hold,
             _stop: stop.clone().drop_guard(),
         });
         for (index, inbox) in inboxes.into_iter().enumerate() {
@@ -315,10 +327,10 @@ impl Arrivals {
         lock(&self.bands[index].state)
             .held
             .front()
-            .map(|(at, _)| *at + HOLD)
+            .map(|(at, _)| *at + self.hold)
     }
 
-    /// Hands back band `index`'s deliveries held for [`HOLD`] or longer.
+    /// Hands back band `index`'s deliveries held for the hold time or longer.
     async fn hand_back_stale(&self, index: usize) {
         let now = Instant::now();
         let stale: Vec<async_nats::Message> = {
@@ -327,7 +339,7 @@ impl Arrivals {
             while state
                 .held
                 .front()
-                .is_some_and(|(at, _)| now.duration_since(*at) >= HOLD)
+                .is_some_and(|(at, _)| now.duration_since(*at) >= self.hold)
             {
                 if let Some((_, message)) = state.held.pop_front() {
                     stale.push(message);
@@ -396,6 +408,9 @@ mod tests {
 
     use super::*;
 
+    /// A short hold, so the hand-back test is quick.
+    const HOLD: Duration = Duration::from_millis(300);
+
     /// A work-queue stream with one pull consumer, named uniquely.
     struct Queue {
         js: jetstream::Context,
@@ -444,15 +459,16 @@ mod tests {
         }
 
         async fn arrivals(&self) -> Arc<Arrivals> {
-            self.arrivals_expiring(WATCH_EXPIRES).await
+            self.arrivals_with(WATCH_EXPIRES, HOLD).await
         }
 
-        async fn arrivals_expiring(&self, watch_expires: Duration) -> Arc<Arrivals> {
+        async fn arrivals_with(&self, watch_expires: Duration, hold: Duration) -> Arc<Arrivals> {
             Arrivals::start_with(
                 &self.client,
                 self.js.clone(),
                 vec![(PriorityBand::Normal, self.consumer.clone())],
                 watch_expires,
+                hold,
             )
             .await
             .unwrap()
@@ -538,7 +554,7 @@ mod tests {
         queue.publish("unwanted").await;
         delivered(&arrivals).await;
 
-        // Nobody takes it: after HOLD it is handed back, and another pull
+        // Nobody takes it: after the hold time it is handed back, and another pull
         // gets it as a second delivery.
         tokio::time::sleep(HOLD + Duration::from_millis(300)).await;
         assert!(arrivals.take_held(8).is_empty(), "handed back");
@@ -576,7 +592,7 @@ mod tests {
     #[tokio::test]
     async fn an_expired_watch_wakes_the_worker_to_park_another() {
         let mut queue = Queue::new().await;
-        let arrivals = queue.arrivals_expiring(Duration::from_millis(300)).await;
+        let arrivals = queue.arrivals_with(Duration::from_millis(300), HOLD).await;
         arrivals.take_due();
         // The watch expires before the full pass is due: its end wakes the
         // waiter, and the next wait parks a new one.

@@ -398,7 +398,8 @@ impl TaskConsumer for JetStreamBroker {
                     .iter()
                     .map(|lane| (lane.band, lane.consumer.clone()))
                     .collect();
-                Arrivals::start(&self.client, self.js.clone(), lanes).await
+                let lease = Duration::from_millis(self.settings.ack_wait_ms.max(1));
+                Arrivals::start(&self.client, self.js.clone(), lanes, lease).await
             })
             .await?;
         loop {
@@ -431,8 +432,12 @@ impl TaskConsumer for JetStreamBroker {
                 }
             }
             if !batch.is_empty() {
-                // Bands this pass found empty are watched from now on.
-                if let Err(e) = arrivals.watch_idle().await {
+                // Bands this pass found empty are watched from now on, if
+                // the worker still has room: a full worker would only hold
+                // what a watch brings.
+                if batch.len() < max
+                    && let Err(e) = arrivals.watch_idle().await
+                {
                     tracing::warn!(error = %e, "cannot watch for arrivals");
                 }
                 return Ok(batch);
