@@ -119,11 +119,15 @@ def main():
                 lambda p, i: resp("EVALSHA", empty, 1, f"{p}task:{i}", *create_args(p, i)))
         measure("create.lua",
                 lambda p, i: resp("EVALSHA", create, 1, f"{p}task:{i}", *create_args(p, i)))
-        measure("create's writes as plain commands (HSET EXPIRE ZADD PUBLISH)",
-                lambda p, i: resp("HSET", f"{p}task:{i}", *fields)
-                + resp("EXPIRE", f"{p}task:{i}", ttl)
-                + resp("ZADD", f"{p}index", created_ms, i)
-                + resp("PUBLISH", f"{p}events:{i}", json.dumps({"id": i, "state": "queued"})))
+        plain = lambda p, i: (resp("HSET", f"{p}task:{i}", *fields)
+                              + resp("EXPIRE", f"{p}task:{i}", ttl)
+                              + resp("ZADD", f"{p}index", created_ms, i)
+                              + resp("PUBLISH", f"{p}events:{i}",
+                                     json.dumps({"id": i, "state": "queued"})))
+        measure("create's writes as plain commands (HSET EXPIRE ZADD PUBLISH)", plain)
+        # What the store sends for a task without an idempotency key.
+        measure("the same in MULTI/EXEC, one task each",
+                lambda p, i: resp("MULTI") + plain(p, i) + resp("EXEC"))
         # start and end run on the records create.lua wrote above.
         p = "b2:"
         rows.append(("start_attempt.lua", server.per_call("".join(

@@ -3,6 +3,10 @@
 //! Every transition of the state machine is one Lua script (see
 //! `redis/scripts/`), so it is atomic and costs one round trip: two workers
 //! racing on a redelivered task cannot move a record out of a final state.
+//! The one write with nothing to check first, a new task without an
+//! idempotency key, is sent as the same writes in plain commands in
+//! `MULTI`/`EXEC` instead: the script costs Redis about a quarter more
+//! (`loadtest/redis-scripts.py`).
 //! Records live in one hash per task ([`record`] describes the fields) and
 //! expire `result_ttl_secs` after their last change. An index of all tasks
 //! and one for each rare outcome (failed, timed out, cancelled, dead
@@ -128,6 +132,114 @@ impl RedisStore {
             .arg(record.state.as_str())
             .arg(fields);
         Ok(invocation)
+    }
+
+    /// Whether `record` is stored with plain commands: without an
+    /// idempotency key to claim, a new record has nothing to check first.
+    /// (Its id is new: the intake creates a record before it publishes the
+    /// task, so no worker can have moved it on.)
+    fn plainly_created(record: &TaskRecord) -> bool {
+        record.idempotency_key.is_none() && !keys::has_own_index(record.state)
+    }
+
+    /// Adds `create.lua`'s writes for a record that is
+    /// [`Self::plainly_created`] to an atomic `pipe`.
+    fn add_plain_create(
+        &self,
+        pipe: &mut ::redis::Pipeline,
+        record: &TaskRecord,
+        cutoff: i64,
+    ) -> Result<(), StoreError> {
+        let fields = record::encode(record)?;
+        let id = record.id.to_string();
+        let key = self.keys.task(record.id);
+        let index = self.keys.index(None);
+        pipe.cmd("HSET").arg(&key).arg(fields).ignore();
+        pipe.cmd("EXPIRE").arg(&key).arg(self.ttl_secs).ignore();
+        pipe.cmd("ZADD")
+            .arg(&index)
+            .arg(record.created_at.timestamp_millis())
+            .arg(&id)
+            .ignore();
+        // The scripts' trimming rule (`trim` in `prelude.lua`): one id in
+        // sixteen trims the index of entries older than the TTL.
+        if id.ends_with('0') {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(format!("({cutoff}"))
+                .ignore();
+        }
+        pipe.cmd("PUBLISH")
+            .arg(self.keys.events(&id))
+            .arg(format!(
+                r#"{{"id":"{id}","state":"{}"}}"#,
+                record.state.as_str()
+            ))
+            .ignore();
+        Ok(())
+    }
+
+    /// Stores a record that is [`Self::plainly_created`] in a
+    /// `MULTI`/`EXEC`.
+    async fn create_plainly(&self, record: &TaskRecord) -> Result<(), StoreError> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        self.add_plain_create(&mut pipe, record, self.cutoff_ms())?;
+        let mut conn = self.conn();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(reply::redis_error)
+    }
+
+    /// Stores records through `create.lua`, pipelined in one round trip.
+    /// One result per record, in order.
+    async fn create_scripted(
+        &self,
+        records: &[&TaskRecord],
+    ) -> Vec<Result<CreateOutcome, StoreError>> {
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let cutoff = self.cutoff_ms();
+        let mut out: Vec<Option<Result<CreateOutcome, StoreError>>> =
+            Vec::with_capacity(records.len());
+        let mut invocations = Vec::with_capacity(records.len());
+        for record in records {
+            match self.create_invocation(record, cutoff) {
+                Ok(inv) => {
+                    invocations.push(inv);
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if invocations.is_empty() {
+            return out.into_iter().flatten().collect();
+        }
+        let mut results = match self
+            .pipeline_scripts(&self.scripts.create, &invocations)
+            .await
+        {
+            Ok(results) => results.into_iter(),
+            Err(e) => {
+                // One failure for the whole round trip: every record that was
+                // sent shares it.
+                return out
+                    .into_iter()
+                    .map(|slot| slot.unwrap_or_else(|| Err(StoreError::Unavailable(e.to_string()))))
+                    .collect();
+            }
+        };
+        out.into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| match results.next() {
+                    Some(Ok(value)) => Self::create_outcome(value),
+                    Some(Err(e)) => Err(reply::redis_error(e)),
+                    None => Err(StoreError::Other("missing reply in a create batch".into())),
+                })
+            })
+            .collect()
     }
 
     fn create_outcome(value: Value) -> Result<CreateOutcome, StoreError> {
@@ -383,6 +495,12 @@ impl RedisStore {
 impl ResultStore for RedisStore {
     #[instrument(level = "debug", skip_all, fields(task_id = %record.id))]
     async fn create(&self, record: &TaskRecord) -> Result<CreateOutcome, StoreError> {
+        if Self::plainly_created(record) {
+            return self
+                .create_plainly(record)
+                .await
+                .map(|()| CreateOutcome::Created);
+        }
         let invocation = self.create_invocation(record, self.cutoff_ms())?;
         let value = self.eval(&invocation).await?;
         Self::create_outcome(value)
@@ -390,45 +508,11 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(count = records.len()))]
     async fn create_many(&self, records: &[TaskRecord]) -> Vec<Result<CreateOutcome, StoreError>> {
-        let cutoff = self.cutoff_ms();
-        let mut out: Vec<Option<Result<CreateOutcome, StoreError>>> =
-            Vec::with_capacity(records.len());
-        let mut invocations = Vec::with_capacity(records.len());
-        for record in records {
-            match self.create_invocation(record, cutoff) {
-                Ok(inv) => {
-                    invocations.push(inv);
-                    out.push(None);
-                }
-                Err(e) => out.push(Some(Err(e))),
-            }
-        }
-        if invocations.is_empty() {
-            return out.into_iter().flatten().collect();
-        }
-        let mut results = match self
-            .pipeline_scripts(&self.scripts.create, &invocations)
-            .await
-        {
-            Ok(results) => results.into_iter(),
-            Err(e) => {
-                // One failure for the whole round trip: every record that was
-                // sent shares it.
-                return out
-                    .into_iter()
-                    .map(|slot| slot.unwrap_or_else(|| Err(StoreError::Unavailable(e.to_string()))))
-                    .collect();
-            }
-        };
-        out.into_iter()
-            .map(|slot| {
-                slot.unwrap_or_else(|| match results.next() {
-                    Some(Ok(value)) => Self::create_outcome(value),
-                    Some(Err(e)) => Err(reply::redis_error(e)),
-                    None => Err(StoreError::Other("missing reply in a create batch".into())),
-                })
-            })
-            .collect()
+        // Batches stay on the script even without idempotency keys: sent as
+        // plain commands, a batch of 100 cost the intake about as much CPU
+        // more (encoding five commands per task) as it saved Redis.
+        let records: Vec<&TaskRecord> = records.iter().collect();
+        self.create_scripted(&records).await
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]

@@ -172,10 +172,14 @@ async fn records_and_keys_expire_and_writes_refresh_them() {
     let mut r = record();
     r.idempotency_key = Some("ttl-key".into());
     store.create(&r).await.unwrap();
+    // Without a key the record is written by plain commands, not the script.
+    let plain = record();
+    store.create(&plain).await.unwrap();
 
     let mut conn = redis_conn().await;
     let task_key = format!("{prefix}task:{}", r.id);
     let task_ttl = ttl(&mut conn, &task_key).await;
+    let plain_ttl = ttl(&mut conn, &format!("{prefix}task:{}", plain.id)).await;
     let idem_ttl = ttl(&mut conn, &format!("{prefix}idem:ttl-key")).await;
     // Shorten the record's TTL by hand; the next transition restores it.
     let _: () = redis::cmd("EXPIRE")
@@ -196,6 +200,7 @@ async fn records_and_keys_expire_and_writes_refresh_them() {
         .unwrap();
 
     assert!((3000..=3600).contains(&task_ttl), "task TTL {task_ttl}");
+    assert!((3000..=3600).contains(&plain_ttl), "task TTL {plain_ttl}");
     assert!(
         (3000..=3600).contains(&idem_ttl),
         "idempotency key TTL {idem_ttl}"

@@ -44,6 +44,11 @@ impl Keys {
         }
     }
 
+    /// The channel a task's state changes are published on.
+    pub fn events(&self, id: &str) -> String {
+        format!("{}events:{id}", self.prefix)
+    }
+
     /// Worker id to `WorkerInfo` JSON.
     pub fn workers(&self) -> String {
         format!("{}workers", self.prefix)
