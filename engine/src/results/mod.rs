@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::task::{TaskError, TaskId, TaskMessage, TaskRecord, TaskResult, TaskState};
 
 /// Errors from a result store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached.
     #[error("result store unavailable: {0}")]

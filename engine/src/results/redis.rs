@@ -17,8 +17,10 @@
 //! `<prefix>events:<id>`, for clients that want to follow a task.
 //!
 //! Calls go over a ring of `RedisSettings::pool_size` multiplexed
-//! connections ([`connections`]).
+//! connections ([`connections`]); script calls made at the same time are
+//! sent together ([`coalesce`]).
 
+mod coalesce;
 mod connections;
 mod keys;
 mod record;
@@ -26,6 +28,7 @@ mod reply;
 mod scripts;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionLike;
@@ -34,9 +37,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tracing::instrument;
 
+use self::coalesce::Coalescer;
 use self::connections::Connections;
 use self::keys::{Cursor, Keys};
-use self::scripts::Scripts;
+use self::scripts::{Scripts, scripts};
 use super::{
     AttemptEnd, CancelOutcome, CreateOutcome, EndOutcome, ResultStore, StartOutcome, StoreError,
     TaskPage, WorkerInfo,
@@ -54,10 +58,11 @@ const SCAN_CHUNK: usize = 256;
 
 /// Task state in Redis.
 pub struct RedisStore {
-    connections: Connections,
+    connections: Arc<Connections>,
+    calls: Coalescer,
     keys: Keys,
     ttl_secs: u64,
-    scripts: Scripts,
+    scripts: &'static Scripts,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -77,12 +82,14 @@ impl RedisStore {
     /// # Errors
     /// [`StoreError::Other`] when the URL is not a Redis URL.
     pub fn new(url: &str, settings: &RedisSettings) -> Result<Self, StoreError> {
+        let connections = Arc::new(Connections::new(url, settings.pool_size)?);
         Ok(Self {
-            connections: Connections::new(url, settings.pool_size)?,
+            calls: Coalescer::start(connections.clone()),
+            connections,
             keys: Keys::new(&settings.key_prefix),
             // EXPIRE 0 would delete the record at once.
             ttl_secs: settings.result_ttl_secs.max(1),
-            scripts: Scripts::new(),
+            scripts: scripts(),
         })
     }
 
@@ -106,19 +113,15 @@ impl RedisStore {
         Utc::now().timestamp_millis().saturating_sub(ttl_ms)
     }
 
-    async fn eval(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let mut conn = self.conn();
-        invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(reply::redis_error)
+    async fn eval(&self, invocation: ScriptInvocation<'static>) -> Result<Value, StoreError> {
+        self.calls.eval(invocation).await
     }
 
     fn create_invocation(
         &self,
         record: &TaskRecord,
         cutoff: i64,
-    ) -> Result<ScriptInvocation<'_>, StoreError> {
+    ) -> Result<ScriptInvocation<'static>, StoreError> {
         let fields = record::encode(record)?;
         let mut invocation = self.scripts.create.prepare_invoke();
         invocation
@@ -352,7 +355,7 @@ impl RedisStore {
             .arg(record::timestamp(at))
             .arg(message)
             .arg(msg.created_at.timestamp_millis());
-        self.eval(&invocation).await
+        self.eval(invocation).await
     }
 
     /// The hashes of the listed tasks `ids`, in order, in one round trip; a
@@ -502,7 +505,7 @@ impl ResultStore for RedisStore {
                 .map(|()| CreateOutcome::Created);
         }
         let invocation = self.create_invocation(record, self.cutoff_ms())?;
-        let value = self.eval(&invocation).await?;
+        let value = self.eval(invocation).await?;
         Self::create_outcome(value)
     }
 
@@ -523,7 +526,7 @@ impl ResultStore for RedisStore {
             .arg(self.keys.prefix())
             .arg(id.to_string())
             .arg(idempotency_key.unwrap_or(""));
-        self.eval(&invocation).await.map(drop)
+        self.eval(invocation).await.map(drop)
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
@@ -616,7 +619,7 @@ impl ResultStore for RedisStore {
             .arg(record::timestamp(end.at))
             .arg(result.unwrap_or_default())
             .arg(error.unwrap_or_default());
-        let (code, mut rest) = reply::coded("end_attempt", self.eval(&invocation).await?)?;
+        let (code, mut rest) = reply::coded("end_attempt", self.eval(invocation).await?)?;
         match code {
             1 => Ok(EndOutcome::Written),
             0 => {
@@ -644,7 +647,7 @@ impl ResultStore for RedisStore {
             .arg(record::timestamp(at))
             .arg(record::to_json(msg)?)
             .arg(msg.created_at.timestamp_millis());
-        let value = self.eval(&invocation).await?;
+        let value = self.eval(invocation).await?;
         Self::decode_fields(msg.id, "reopen", value)
     }
 
@@ -652,7 +655,7 @@ impl ResultStore for RedisStore {
     async fn cancel(&self, id: TaskId, at: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
         let mut invocation = self.transition(&self.scripts.cancel, id);
         invocation.arg(record::timestamp(at));
-        let (code, mut rest) = reply::coded("cancel", self.eval(&invocation).await?)?;
+        let (code, mut rest) = reply::coded("cancel", self.eval(invocation).await?)?;
         if code < 0 {
             return Ok(CancelOutcome::NotFound);
         }
@@ -741,7 +744,7 @@ impl ResultStore for RedisStore {
             .arg(&info.id)
             .arg(record::to_json(info)?)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        self.eval(&invocation).await.map(drop)
+        self.eval(invocation).await.map(drop)
     }
 
     #[instrument(level = "debug", skip_all, fields(worker_id = %id))]
@@ -767,7 +770,7 @@ impl ResultStore for RedisStore {
         invocation
             .key(self.keys.workers())
             .key(self.keys.workers_expiry());
-        let items = reply::array("workers", self.eval(&invocation).await?)?;
+        let items = reply::array("workers", self.eval(invocation).await?)?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let json = reply::text("workers", item)?;

@@ -2,6 +2,8 @@
 //! (`EVALSHA`, loaded on first use). Their sources live next to this file in
 //! `scripts/`, each with a header describing its keys, arguments and reply.
 
+use std::sync::LazyLock;
+
 use redis::Script;
 
 const PRELUDE: &str = include_str!("scripts/prelude.lua");
@@ -19,8 +21,15 @@ pub(super) struct Scripts {
     pub workers: Script,
 }
 
+/// The scripts, compiled once per process: calls borrow them for as long
+/// as they queue ([`super::coalesce`]).
+pub(super) fn scripts() -> &'static Scripts {
+    static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::new);
+    &SCRIPTS
+}
+
 impl Scripts {
-    pub fn new() -> Self {
+    fn new() -> Self {
         let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Self {
             create: with_prelude(include_str!("scripts/create.lua")),
