@@ -180,7 +180,10 @@ mod tests {
         let replies =
             futures::future::join_all((0..5).map(|_| calls.eval(echo.prepare_invoke()))).await;
         for reply in replies {
-            assert!(matches!(reply, Err(StoreError::Unavailable(_))), "{reply:?}");
+            assert!(
+                matches!(reply, Err(StoreError::Unavailable(_))),
+                "{reply:?}"
+            );
         }
     }
 }
