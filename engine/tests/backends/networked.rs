@@ -486,6 +486,58 @@ async fn an_idle_worker_parks_a_pull_on_every_band_and_gets_its_task_from_it() {
 }
 
 #[tokio::test]
+async fn a_full_worker_parks_no_pulls() {
+    // A pull parked by a worker without a free permit could only bring a
+    // task for it to hold; the worker parks it again once it has room.
+    let fixture = Fixture::networked().await;
+    let js = jetstream::new(nats().await);
+    let stream = js.get_stream(&fixture.settings.nats.stream).await.unwrap();
+    let waiting = || {
+        let stream = stream.clone();
+        let prefix = fixture.settings.nats.consumer_prefix.clone();
+        async move {
+            let mut n = 0;
+            for band in ["high", "normal", "low"] {
+                n += stream
+                    .consumer_info(format!("{prefix}-{band}"))
+                    .await
+                    .unwrap()
+                    .num_waiting;
+            }
+            n
+        }
+    };
+    let idle = || {
+        let consumer = fixture.backends.consumer.clone();
+        tokio::spawn(async move { consumer.next_batch(1).await })
+    };
+
+    // An idle worker with one free permit watches every band.
+    let first = idle();
+    eventually("a pull parked on every band", || async {
+        waiting().await == 3
+    })
+    .await;
+    // The high band's pull brings a task, which fills the worker: that band
+    // is not watched again until the worker has room.
+    let task = message(9);
+    fixture.backends.publisher.publish(&task).await.unwrap();
+    let batch = within("the parked pull", first).await.unwrap().unwrap();
+    assert_eq!(crate::harness::id_of(&batch[0]), task.id);
+    assert_eq!(
+        waiting().await,
+        2,
+        "normal and low stay watched, high is not"
+    );
+    crate::harness::ack_all(&batch).await;
+
+    let second = idle();
+    eventually("high watched again", || async { waiting().await == 3 }).await;
+    second.abort();
+    fixture.cleanup().await;
+}
+
+#[tokio::test]
 async fn setup_takes_a_task_stream_that_still_announces() {
     let settings = networked_settings();
     let _cleanup = Cleanup(settings.clone());
