@@ -14,6 +14,10 @@
 //!   band is marked dirty, so the next pass pulls the rest in one batch.
 //! - The server ends an unfulfilled watch after [`WATCH_EXPIRES`] with a
 //!   status; the worker is woken to park a new one.
+//! - A watch the server refuses (the consumer's `max_waiting` is reached)
+//!   or ends for another reason (the consumer was deleted) marks the band
+//!   dirty, and the band is not watched again for [`FULL_PASS_EVERY`]:
+//!   parking at once would be refused again, in a loop.
 //!
 //! A band is watched when it is neither dirty nor watched already: after
 //! each pass (a band whose pull came back short is empty now), and before
@@ -89,6 +93,10 @@ struct BandState {
     sent: u64,
     /// The watch parked now, and when it was sent.
     parked: Option<(u64, Instant)>,
+    /// No watch before this: the server refused or ended the last one
+    /// (too many waiting pulls, a consumer deleted), and parking again at
+    /// once would only be refused again, in a loop.
+    refused_until: Option<Instant>,
     /// Deliveries to watches not handed out yet, oldest first, with when
     /// they came.
     held: VecDeque<(Instant, async_nats::Message)>,
@@ -244,6 +252,9 @@ impl Arrivals {
                     }
                     _ => {}
                 }
+                if state.refused_until.is_some_and(|until| now < until) {
+                    continue;
+                }
                 state.sent += 1;
                 state.parked = Some((state.sent, now));
                 format!("{}.{}", b.prefix, state.sent)
@@ -304,10 +315,15 @@ impl Arrivals {
                     return; // the end of a watch already given up
                 }
                 state.parked = None;
+                if status != StatusCode::TIMEOUT {
+                    // The full pass still covers the band meanwhile.
+                    state.refused_until = Some(Instant::now() + FULL_PASS_EVERY);
+                }
                 drop(state);
                 if status != StatusCode::TIMEOUT {
                     // The consumer went away, or the server refused the
-                    // watch: a pull finds out which, and repairs.
+                    // watch (too many waiting pulls): a pull finds out
+                    // which, and repairs.
                     tracing::debug!(
                         band = b.band.as_str(),
                         %status,
@@ -421,6 +437,11 @@ mod tests {
 
     impl Queue {
         async fn new() -> Self {
+            Self::with_max_waiting(512).await
+        }
+
+        /// At most `max_waiting` pulls parked on the consumer.
+        async fn with_max_waiting(max_waiting: i64) -> Self {
             let client = async_nats::connect(services::nats_url()).await.unwrap();
             let js = jetstream::new(client.clone());
             let name = services::unique("CCARRIVALS").replace(['.', '-', ':'], "_");
@@ -437,6 +458,7 @@ mod tests {
                 .create_consumer(consumer::pull::Config {
                     durable_name: Some("workers".into()),
                     ack_policy: consumer::AckPolicy::Explicit,
+                    max_waiting,
                     ..Default::default()
                 })
                 .await
@@ -609,6 +631,33 @@ mod tests {
         queue.publish("late").await;
         delivered(&arrivals).await;
         ack(&queue, arrivals.take_held(1)).await;
+        queue.delete().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_watch_is_not_parked_again_at_once() {
+        // Room for one waiting pull on the consumer, taken by another worker.
+        let mut queue = Queue::with_max_waiting(1).await;
+        let other = queue.arrivals().await;
+        other.take_due();
+        other.watch_idle().await.unwrap();
+        queue.client.flush().await.unwrap();
+        assert_eq!(queue.parked().await, 1);
+
+        // This worker's watch is refused: the band is pulled (it may be the
+        // consumer that is gone), and not watched again within the pause.
+        let arrivals = queue.arrivals().await;
+        arrivals.take_due();
+        tokio::time::timeout(FULL_PASS_EVERY / 2, arrivals.wait())
+            .await
+            .expect("woken by the refusal");
+        assert_eq!(arrivals.take_due(), [PriorityBand::Normal]);
+        arrivals.watch_idle().await.unwrap();
+        assert!(
+            lock(&arrivals.bands[0].state).parked.is_none(),
+            "parked again at once"
+        );
+        drop(other);
         queue.delete().await;
     }
 }
