@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionLike;
-use ::redis::{ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use ::redis::{ScriptInvocation, Value};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tracing::instrument;
@@ -40,7 +40,7 @@ use tracing::instrument;
 use self::coalesce::Coalescer;
 use self::connections::Connections;
 use self::keys::{Cursor, Keys};
-use self::scripts::{Scripts, scripts};
+use self::scripts::scripts;
 use super::{
     AttemptEnd, CancelOutcome, CreateOutcome, EndOutcome, ResultStore, StartOutcome, StoreError,
     TaskPage, WorkerInfo,
@@ -62,7 +62,6 @@ pub struct RedisStore {
     calls: Coalescer,
     keys: Keys,
     ttl_secs: u64,
-    scripts: &'static Scripts,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -89,7 +88,6 @@ impl RedisStore {
             keys: Keys::new(&settings.key_prefix),
             // EXPIRE 0 would delete the record at once.
             ttl_secs: settings.result_ttl_secs.max(1),
-            scripts: scripts(),
         })
     }
 
@@ -123,7 +121,7 @@ impl RedisStore {
         cutoff: i64,
     ) -> Result<ScriptInvocation<'static>, StoreError> {
         let fields = record::encode(record)?;
-        let mut invocation = self.scripts.create.prepare_invoke();
+        let mut invocation = scripts().create.prepare_invoke();
         invocation
             .key(self.keys.task(record.id))
             .arg(self.keys.prefix())
@@ -145,18 +143,15 @@ impl RedisStore {
         record.idempotency_key.is_none() && !keys::has_own_index(record.state)
     }
 
-    /// Adds `create.lua`'s writes for a record that is
-    /// [`Self::plainly_created`] to an atomic `pipe`.
-    fn add_plain_create(
-        &self,
-        pipe: &mut ::redis::Pipeline,
-        record: &TaskRecord,
-        cutoff: i64,
-    ) -> Result<(), StoreError> {
+    /// Stores a record that is [`Self::plainly_created`]: `create.lua`'s
+    /// writes as plain commands, in one `MULTI`/`EXEC`.
+    async fn create_plainly(&self, record: &TaskRecord) -> Result<(), StoreError> {
         let fields = record::encode(record)?;
         let id = record.id.to_string();
         let key = self.keys.task(record.id);
         let index = self.keys.index(None);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
         pipe.cmd("HSET").arg(&key).arg(fields).ignore();
         pipe.cmd("EXPIRE").arg(&key).arg(self.ttl_secs).ignore();
         pipe.cmd("ZADD")
@@ -170,7 +165,7 @@ impl RedisStore {
             pipe.cmd("ZREMRANGEBYSCORE")
                 .arg(&index)
                 .arg("-inf")
-                .arg(format!("({cutoff}"))
+                .arg(format!("({}", self.cutoff_ms()))
                 .ignore();
         }
         pipe.cmd("PUBLISH")
@@ -180,69 +175,20 @@ impl RedisStore {
                 record.state.as_str()
             ))
             .ignore();
-        Ok(())
-    }
-
-    /// Stores a record that is [`Self::plainly_created`] in a
-    /// `MULTI`/`EXEC`.
-    async fn create_plainly(&self, record: &TaskRecord) -> Result<(), StoreError> {
-        let mut pipe = ::redis::pipe();
-        pipe.atomic();
-        self.add_plain_create(&mut pipe, record, self.cutoff_ms())?;
         let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(reply::redis_error)
     }
 
-    /// Stores records through `create.lua`, pipelined in one round trip.
-    /// One result per record, in order.
+    /// Stores a record through `create.lua`.
     async fn create_scripted(
         &self,
-        records: &[&TaskRecord],
-    ) -> Vec<Result<CreateOutcome, StoreError>> {
-        if records.is_empty() {
-            return Vec::new();
-        }
-        let cutoff = self.cutoff_ms();
-        let mut out: Vec<Option<Result<CreateOutcome, StoreError>>> =
-            Vec::with_capacity(records.len());
-        let mut invocations = Vec::with_capacity(records.len());
-        for record in records {
-            match self.create_invocation(record, cutoff) {
-                Ok(inv) => {
-                    invocations.push(inv);
-                    out.push(None);
-                }
-                Err(e) => out.push(Some(Err(e))),
-            }
-        }
-        if invocations.is_empty() {
-            return out.into_iter().flatten().collect();
-        }
-        let mut results = match self
-            .pipeline_scripts(&self.scripts.create, &invocations)
-            .await
-        {
-            Ok(results) => results.into_iter(),
-            Err(e) => {
-                // One failure for the whole round trip: every record that was
-                // sent shares it.
-                return out
-                    .into_iter()
-                    .map(|slot| slot.unwrap_or_else(|| Err(StoreError::Unavailable(e.to_string()))))
-                    .collect();
-            }
-        };
-        out.into_iter()
-            .map(|slot| {
-                slot.unwrap_or_else(|| match results.next() {
-                    Some(Ok(value)) => Self::create_outcome(value),
-                    Some(Err(e)) => Err(reply::redis_error(e)),
-                    None => Err(StoreError::Other("missing reply in a create batch".into())),
-                })
-            })
-            .collect()
+        record: &TaskRecord,
+        cutoff: i64,
+    ) -> Result<CreateOutcome, StoreError> {
+        let invocation = self.create_invocation(record, cutoff)?;
+        Self::create_outcome(self.eval(invocation).await?)
     }
 
     fn create_outcome(value: Value) -> Result<CreateOutcome, StoreError> {
@@ -264,40 +210,6 @@ impl RedisStore {
         record::decode(&id.to_string(), reply::pairs(what, value)?)
     }
 
-    /// Runs a pipeline of script calls, loading the script first if Redis
-    /// does not know it yet (a fresh or restarted server).
-    async fn pipeline_scripts(
-        &self,
-        script: &::redis::Script,
-        invocations: &[ScriptInvocation<'_>],
-    ) -> Result<Vec<RedisResult<Value>>, StoreError> {
-        let mut pipe = ::redis::pipe();
-        pipe.ignore_errors();
-        for invocation in invocations {
-            pipe.invoke_script(invocation);
-        }
-        let mut conn = self.conn();
-        let results: Vec<RedisResult<Value>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(reply::redis_error)?;
-        let no_script = results.iter().any(
-            |r| matches!(r, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)),
-        );
-        if !no_script {
-            return Ok(results);
-        }
-        // Nothing ran (the script was unknown for every call): load it and
-        // send the batch again.
-        script
-            .load_async(&mut conn)
-            .await
-            .map_err(reply::redis_error)?;
-        pipe.query_async(&mut conn)
-            .await
-            .map_err(reply::redis_error)
-    }
-
     async fn list_round(
         &self,
         conn: &mut impl ConnectionLike,
@@ -308,8 +220,7 @@ impl RedisStore {
     ) -> Result<Vec<(String, i64)>, StoreError> {
         let max = cursor.map_or_else(|| "+inf".to_owned(), |c| c.score.to_string());
         let after = cursor.map_or("", |c| c.id.as_str());
-        let value: Value = self
-            .scripts
+        let value: Value = scripts()
             .list
             .key(index)
             .arg(max)
@@ -349,7 +260,7 @@ impl RedisStore {
         at: DateTime<Utc>,
         message: &str,
     ) -> Result<Value, StoreError> {
-        let mut invocation = self.transition(&self.scripts.start_attempt, msg.id);
+        let mut invocation = self.transition(&scripts().start_attempt, msg.id);
         invocation
             .arg(worker_id)
             .arg(record::timestamp(at))
@@ -504,23 +415,22 @@ impl ResultStore for RedisStore {
                 .await
                 .map(|()| CreateOutcome::Created);
         }
-        let invocation = self.create_invocation(record, self.cutoff_ms())?;
-        let value = self.eval(invocation).await?;
-        Self::create_outcome(value)
+        self.create_scripted(record, self.cutoff_ms()).await
     }
 
     #[instrument(level = "debug", skip_all, fields(count = records.len()))]
     async fn create_many(&self, records: &[TaskRecord]) -> Vec<Result<CreateOutcome, StoreError>> {
         // Batches stay on the script even without idempotency keys: sent as
         // plain commands, a batch of 100 cost the intake about as much CPU
-        // more (encoding five commands per task) as it saved Redis.
-        let records: Vec<&TaskRecord> = records.iter().collect();
-        self.create_scripted(&records).await
+        // more (encoding five commands per task) as it saved Redis. The
+        // calls queue together, so the batch leaves in one pipeline.
+        let cutoff = self.cutoff_ms();
+        futures::future::join_all(records.iter().map(|r| self.create_scripted(r, cutoff))).await
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn remove(&self, id: TaskId, idempotency_key: Option<&str>) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.remove.prepare_invoke();
+        let mut invocation = scripts().remove.prepare_invoke();
         invocation
             .key(self.keys.task(id))
             .arg(self.keys.prefix())
@@ -612,7 +522,7 @@ impl ResultStore for RedisStore {
         }
         let result = end.result.as_ref().map(record::to_json).transpose()?;
         let error = end.error.as_ref().map(record::to_json).transpose()?;
-        let mut invocation = self.transition(&self.scripts.end_attempt, id);
+        let mut invocation = self.transition(&scripts().end_attempt, id);
         invocation
             .arg(attempt)
             .arg(end.state.as_str())
@@ -642,7 +552,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
     async fn reopen(&self, msg: &TaskMessage, at: DateTime<Utc>) -> Result<TaskRecord, StoreError> {
-        let mut invocation = self.transition(&self.scripts.reopen, msg.id);
+        let mut invocation = self.transition(&scripts().reopen, msg.id);
         invocation
             .arg(record::timestamp(at))
             .arg(record::to_json(msg)?)
@@ -653,7 +563,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
     async fn cancel(&self, id: TaskId, at: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
-        let mut invocation = self.transition(&self.scripts.cancel, id);
+        let mut invocation = self.transition(&scripts().cancel, id);
         invocation.arg(record::timestamp(at));
         let (code, mut rest) = reply::coded("cancel", self.eval(invocation).await?)?;
         if code < 0 {
@@ -737,7 +647,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(worker_id = %info.id))]
     async fn heartbeat(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.heartbeat.prepare_invoke();
+        let mut invocation = scripts().heartbeat.prepare_invoke();
         invocation
             .key(self.keys.workers())
             .key(self.keys.workers_expiry())
@@ -766,7 +676,7 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all)]
     async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError> {
-        let mut invocation = self.scripts.workers.prepare_invoke();
+        let mut invocation = scripts().workers.prepare_invoke();
         invocation
             .key(self.keys.workers())
             .key(self.keys.workers_expiry());

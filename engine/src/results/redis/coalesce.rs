@@ -12,8 +12,8 @@
 //! the load and only with it.
 //!
 //! Each call still runs as its own script in Redis, and fails or succeeds on
-//! its own. A script Redis does not know (a restarted server) is loaded and
-//! the call sent again, as a single call would.
+//! its own. A script Redis does not know (a restarted server) is loaded
+//! once, and the calls that needed it are sent again together.
 
 use std::sync::Arc;
 
@@ -81,49 +81,60 @@ async fn send_queued(mut queue: mpsc::UnboundedReceiver<Call>, connections: Arc<
     }
 }
 
-/// Sends one batch and hands each caller its reply.
+/// How many scripts one batch may load before its calls give up on
+/// NOSCRIPT (a server flushing its scripts over and over).
+const MAX_LOADS: usize = 16;
+
+/// Sends one batch and hands each caller its reply. Calls whose script the
+/// server does not know (a fresh or restarted server) are sent again after
+/// their script is loaded, together, one load per distinct script.
 async fn send(batch: Vec<Call>, connections: &Connections) {
     let mut conn = connections.get();
-    if let [_] = batch.as_slice() {
-        for call in batch {
-            let result = call
-                .invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(reply::redis_error);
-            let _ = call.reply.send(result);
+    let mut pending = batch;
+    for loads in 0..=MAX_LOADS {
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for call in &pending {
+            pipe.invoke_script(&call.invocation);
         }
-        return;
-    }
-    let mut pipe = ::redis::pipe();
-    pipe.ignore_errors();
-    for call in &batch {
-        pipe.invoke_script(&call.invocation);
-    }
-    let results: Vec<RedisResult<Value>> = match pipe.query_async(&mut conn).await {
-        Ok(results) => results,
-        Err(e) => {
-            let e = reply::redis_error(e);
-            for call in batch {
-                let _ = call.reply.send(Err(e.clone()));
-            }
-            return;
-        }
-    };
-    let mut results = results.into_iter();
-    for call in batch {
-        let result = match results.next() {
-            Some(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // Loads the script and sends the call again.
-                call.invocation
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(reply::redis_error)
-            }
-            Some(result) => result.map_err(reply::redis_error),
-            None => Err(StoreError::Other("missing reply in a pipeline".into())),
+        let results: Vec<RedisResult<Value>> = match pipe.query_async(&mut conn).await {
+            Ok(results) => results,
+            Err(e) => return fail(pending, &reply::redis_error(e)),
         };
-        let _ = call.reply.send(result);
+        let mut results = results.into_iter();
+        let mut unknown = Vec::new();
+        for call in pending {
+            match results.next() {
+                Some(Err(e))
+                    if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                        && loads < MAX_LOADS =>
+                {
+                    unknown.push(call);
+                }
+                Some(result) => {
+                    let _ = call.reply.send(result.map_err(reply::redis_error));
+                }
+                None => {
+                    let _ = call
+                        .reply
+                        .send(Err(StoreError::Other("missing reply in a pipeline".into())));
+                }
+            }
+        }
+        let Some(first) = unknown.first() else {
+            return;
+        };
+        if let Err(e) = first.invocation.load_async(&mut conn).await {
+            return fail(unknown, &reply::redis_error(e));
+        }
+        pending = unknown;
+    }
+}
+
+/// Answers every call with `e`.
+fn fail(calls: Vec<Call>, e: &StoreError) {
+    for call in calls {
+        let _ = call.reply.send(Err(e.clone()));
     }
 }
 
