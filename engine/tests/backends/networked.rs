@@ -453,25 +453,30 @@ async fn a_redis_outage_is_unavailable_then_recovers() {
     .await;
 }
 
+/// Pulls parked on each band's consumer, high, normal, low.
+async fn parked_pulls(settings: &claudecluster_engine::config::Settings) -> [usize; 3] {
+    let js = jetstream::new(nats().await);
+    let stream = js.get_stream(&settings.nats.stream).await.unwrap();
+    let mut parked = [0; 3];
+    for (n, band) in parked.iter_mut().zip(["high", "normal", "low"]) {
+        *n = stream
+            .consumer_info(format!("{}-{band}", settings.nats.consumer_prefix))
+            .await
+            .unwrap()
+            .num_waiting;
+    }
+    parked
+}
+
 #[tokio::test]
 async fn an_idle_worker_parks_a_pull_on_every_band_and_gets_its_task_from_it() {
     // Without parked pulls, an idle worker would only find a new task on
     // its once-a-second full pass.
     let fixture = Fixture::networked().await;
-    let js = jetstream::new(nats().await);
-    let stream = js.get_stream(&fixture.settings.nats.stream).await.unwrap();
-    let waiting_on = |band: &'static str| {
-        let stream = stream.clone();
-        let name = format!("{}-{band}", fixture.settings.nats.consumer_prefix);
-        async move { stream.consumer_info(&name).await.unwrap().num_waiting }
-    };
-
     let consumer = fixture.backends.consumer.clone();
     let waiting = tokio::spawn(async move { consumer.next_batch(5).await });
     eventually("a pull parked on every band", || async {
-        waiting_on("high").await == 1
-            && waiting_on("normal").await == 1
-            && waiting_on("low").await == 1
+        parked_pulls(&fixture.settings).await == [1, 1, 1]
     })
     .await;
 
@@ -490,23 +495,6 @@ async fn a_full_worker_parks_no_pulls() {
     // A pull parked by a worker without a free permit could only bring a
     // task for it to hold; the worker parks it again once it has room.
     let fixture = Fixture::networked().await;
-    let js = jetstream::new(nats().await);
-    let stream = js.get_stream(&fixture.settings.nats.stream).await.unwrap();
-    let waiting = || {
-        let stream = stream.clone();
-        let prefix = fixture.settings.nats.consumer_prefix.clone();
-        async move {
-            let mut n = 0;
-            for band in ["high", "normal", "low"] {
-                n += stream
-                    .consumer_info(format!("{prefix}-{band}"))
-                    .await
-                    .unwrap()
-                    .num_waiting;
-            }
-            n
-        }
-    };
     let idle = || {
         let consumer = fixture.backends.consumer.clone();
         tokio::spawn(async move { consumer.next_batch(1).await })
@@ -515,7 +503,7 @@ async fn a_full_worker_parks_no_pulls() {
     // An idle worker with one free permit watches every band.
     let first = idle();
     eventually("a pull parked on every band", || async {
-        waiting().await == 3
+        parked_pulls(&fixture.settings).await == [1, 1, 1]
     })
     .await;
     // The high band's pull brings a task, which fills the worker: that band
@@ -525,14 +513,17 @@ async fn a_full_worker_parks_no_pulls() {
     let batch = within("the parked pull", first).await.unwrap().unwrap();
     assert_eq!(crate::harness::id_of(&batch[0]), task.id);
     assert_eq!(
-        waiting().await,
-        2,
+        parked_pulls(&fixture.settings).await,
+        [0, 1, 1],
         "normal and low stay watched, high is not"
     );
     crate::harness::ack_all(&batch).await;
 
     let second = idle();
-    eventually("high watched again", || async { waiting().await == 3 }).await;
+    eventually("high watched again", || async {
+        parked_pulls(&fixture.settings).await == [1, 1, 1]
+    })
+    .await;
     second.abort();
     fixture.cleanup().await;
 }

@@ -518,14 +518,12 @@ mod tests {
         }
     }
 
-    /// Waits until a watch has delivered. (Not through `wait`, which would
-    /// park another watch.)
-    async fn delivered(arrivals: &Arrivals) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while arrivals.hold_deadline(0).is_none() {
-            assert!(Instant::now() < deadline, "no delivery");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    /// Waits until the watch inbox reports something: a delivery, or the end
+    /// of a watch. (Not through `wait`, which would park another watch.)
+    async fn reported(arrivals: &Arrivals) {
+        tokio::time::timeout(Duration::from_secs(5), arrivals.notify.notified())
+            .await
+            .expect("the watch inbox reported nothing");
     }
 
     #[tokio::test]
@@ -545,7 +543,7 @@ mod tests {
 
         // The next message comes with the watch, and nothing more is due.
         queue.publish("first").await;
-        delivered(&arrivals).await;
+        reported(&arrivals).await;
         let held = arrivals.take_held(8);
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].1.payload.as_ref(), b"first");
@@ -557,7 +555,7 @@ mod tests {
         queue.publish("second").await;
         queue.publish("third").await;
         arrivals.watch_idle().await.unwrap();
-        delivered(&arrivals).await;
+        reported(&arrivals).await;
         let held = arrivals.take_held(8);
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].1.payload.as_ref(), b"second");
@@ -574,12 +572,10 @@ mod tests {
         arrivals.watch_idle().await.unwrap();
         queue.client.flush().await.unwrap();
         queue.publish("unwanted").await;
-        delivered(&arrivals).await;
+        reported(&arrivals).await;
 
-        // Nobody takes it: after the hold time it is handed back, and another pull
-        // gets it as a second delivery.
-        tokio::time::sleep(HOLD + Duration::from_millis(300)).await;
-        assert!(arrivals.take_held(8).is_empty(), "handed back");
+        // Nobody takes it: after the hold time it is handed back, and another
+        // pull gets it as a second delivery.
         let mut again = queue
             .consumer
             .fetch()
@@ -592,6 +588,7 @@ mod tests {
         assert_eq!(message.payload.as_ref(), b"unwanted");
         assert_eq!(message.info().unwrap().delivered, 2);
         message.ack().await.unwrap();
+        assert!(arrivals.take_held(8).is_empty(), "handed back, not held");
         assert_eq!(queue.parked().await, 0);
         queue.delete().await;
     }
@@ -616,20 +613,17 @@ mod tests {
         let mut queue = Queue::new().await;
         let arrivals = queue.arrivals_with(Duration::from_millis(300), HOLD).await;
         arrivals.take_due();
-        // The watch expires before the full pass is due: its end wakes the
-        // waiter, and the next wait parks a new one.
-        tokio::time::timeout(
-            FULL_PASS_EVERY - Duration::from_millis(100),
-            arrivals.wait(),
-        )
-        .await
-        .expect("woken by the expiry");
+        // The watch expires: its end wakes the worker (only the watch inbox
+        // notifies), and the next wait parks a new one.
+        arrivals.watch_idle().await.unwrap();
+        reported(&arrivals).await;
+        assert!(lock(&arrivals.bands[0].state).parked.is_none());
         assert!(arrivals.take_due().is_empty(), "an expiry is not work");
         arrivals.watch_idle().await.unwrap();
         queue.client.flush().await.unwrap();
         assert_eq!(queue.parked().await, 1);
         queue.publish("late").await;
-        delivered(&arrivals).await;
+        reported(&arrivals).await;
         ack(&queue, arrivals.take_held(1)).await;
         queue.delete().await;
     }
@@ -648,9 +642,8 @@ mod tests {
         // consumer that is gone), and not watched again within the pause.
         let arrivals = queue.arrivals().await;
         arrivals.take_due();
-        tokio::time::timeout(FULL_PASS_EVERY / 2, arrivals.wait())
-            .await
-            .expect("woken by the refusal");
+        arrivals.watch_idle().await.unwrap();
+        reported(&arrivals).await;
         assert_eq!(arrivals.take_due(), [PriorityBand::Normal]);
         arrivals.watch_idle().await.unwrap();
         assert!(
