@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Redis CPU per call of the result store's Lua scripts, next to plain
+"""Redis CPU per task of the result store's Lua scripts, next to plain
 commands doing the same writes.
 
 Starts its own redis-server on a free loopback port, loads the scripts from
 engine/src/results/redis/scripts/ (each with the prelude, as the store does),
-pipes N calls of each through `redis-cli --pipe`, and divides the server's
-CPU time (INFO cpu) by N. Pipelining keeps socket work out of the figure, so
-what is left is what the server does per call.
+pipes the writes of N tasks through `redis-cli --pipe` for each variant, and
+divides the server's CPU time (INFO cpu) by N. Pipelining keeps socket work
+out of the figure, so what is left is what the server does per task. The
+start and end scripts take many tasks per call; they are measured with one
+and with 100.
 
 Usage: loadtest/redis-scripts.py [N]   (default 100000; needs redis-server
 and redis-cli on PATH)
@@ -24,6 +26,8 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "engine", "src", "results", "redis", "scripts")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+# Tasks per batch submit, and per start or end call of a busy worker.
+BATCH = 100
 
 
 def free_port():
@@ -125,19 +129,55 @@ def main():
                               + resp("PUBLISH", f"{p}events:{i}",
                                      json.dumps({"id": i, "state": "queued"})))
         measure("create's writes as plain commands (HSET EXPIRE ZADD PUBLISH)", plain)
-        # What the store sends for a task without an idempotency key.
+        # What the store sends for a single submit without an idempotency key.
         measure("the same in MULTI/EXEC, one task each",
                 lambda p, i: resp("MULTI") + plain(p, i) + resp("EXEC"))
-        # start and end run on the records create.lua wrote above.
-        p = "b2:"
-        rows.append(("start_attempt.lua", server.per_call("".join(
-            resp("EVALSHA", start, 1, f"{p}task:{i}", p, i, ttl, cutoff, "worker-1", at, "",
-                 created_ms) for i in ids), N)))
-        rows.append(("end_attempt.lua (succeeded)", server.per_call("".join(
-            resp("EVALSHA", end, 1, f"{p}task:{i}", p, i, ttl, cutoff, 1, "succeeded", at,
-                 result, "") for i in ids), N)))
+
+        def chunks(part):
+            return [part[b:b + BATCH] for b in range(0, len(part), BATCH)]
+
+        # What the store sends for a batch submit: one MULTI/EXEC for the
+        # batch, one ZADD for all its tasks.
+        def plain_batch(p, part):
+            out = []
+            for chunk in chunks(part):
+                out.append(resp("MULTI"))
+                for i in chunk:
+                    out.append(resp("HSET", f"{p}task:{i}", *fields)
+                               + resp("EXPIRE", f"{p}task:{i}", ttl)
+                               + resp("PUBLISH", f"{p}events:{i}",
+                                      json.dumps({"id": i, "state": "queued"})))
+                members = [x for i in chunk for x in (created_ms, i)]
+                out.append(resp("ZADD", f"{p}index", *members) + resp("EXEC"))
+            return "".join(out)
+        p = f"b{len(rows)}:"
+        rows.append((f"the same for batches of {BATCH}, one MULTI/EXEC and one ZADD each",
+                     server.per_call(plain_batch(p, ids), N)))
+
+        # start and end take rows (`rows` in prelude.lua): measured with one
+        # task per call, and with BATCH tasks per call as a busy worker
+        # sends them. They run on the records written just above.
+        def row_calls(sha, shared, row, part, per_call):
+            out = []
+            for b in range(0, len(part), per_call):
+                chunk = part[b:b + per_call]
+                argv = [x for i in chunk for x in row(i)]
+                out.append(resp("EVALSHA", sha, len(chunk), *[f"{p}task:{i}" for i in chunk],
+                                *shared, *argv))
+            return "".join(out)
+        start_row = lambda i: [i, at, "", created_ms]
+        end_row = lambda i: [i, 1, "succeeded", at, result, ""]
+        half = N // 2
+        for per_call, part in [(1, ids[:half]), (BATCH, ids[half:])]:
+            tasks = "task" if per_call == 1 else "tasks"
+            rows.append((f"start_attempt.lua, {per_call} {tasks} per call", server.per_call(
+                row_calls(start, [p, ttl, cutoff, "worker-1"], start_row, part, per_call),
+                len(part))))
+            rows.append((f"end_attempt.lua (succeeded), {per_call} {tasks} per call",
+                         server.per_call(row_calls(end, [p, ttl, cutoff], end_row, part,
+                                                   per_call), len(part))))
         width = max(len(label) for label, _ in rows)
-        print(f"Redis CPU per call, {N} pipelined calls each ({server.cli('info', 'server').split('redis_version:')[1].split()[0]}):")
+        print(f"Redis CPU per task, {N} tasks each, pipelined ({server.cli('info', 'server').split('redis_version:')[1].split()[0]}):")
         for label, us in rows:
             print(f"  {label:<{width}}  {us:6.2f} µs")
     finally:

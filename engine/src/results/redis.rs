@@ -5,8 +5,10 @@
 //! racing on a redelivered task cannot move a record out of a final state.
 //! The one write with nothing to check first, a new task without an
 //! idempotency key, is sent as the same writes in plain commands in
-//! `MULTI`/`EXEC` instead: the script costs Redis about a quarter more
-//! (`loadtest/redis-scripts.py`).
+//! `MULTI`/`EXEC` instead (a whole batch submit in one), which costs Redis
+//! about half what the script does (`loadtest/redis-scripts.py`). The
+//! starts and ends a worker makes at the same time go as rows of one script
+//! call ([`coalesce`]).
 //! Records live in one hash per task ([`record`] describes the fields) and
 //! expire `result_ttl_secs` after their last change. An index of all tasks
 //! and one for each rare outcome (failed, timed out, cancelled, dead
@@ -143,38 +145,42 @@ impl RedisStore {
         record.idempotency_key.is_none() && !keys::has_own_index(record.state)
     }
 
-    /// Stores a record that is [`Self::plainly_created`]: `create.lua`'s
-    /// writes as plain commands, in one `MULTI`/`EXEC`.
-    async fn create_plainly(&self, record: &TaskRecord) -> Result<(), StoreError> {
-        let fields = record::encode(record)?;
-        let id = record.id.to_string();
-        let key = self.keys.task(record.id);
+    /// Stores records that are [`Self::plainly_created`]: `create.lua`'s
+    /// writes as plain commands, all in one `MULTI`/`EXEC`, so a record
+    /// never exists without its TTL and a batch is stored whole or not at
+    /// all. The index of all tasks takes the whole batch in one `ZADD`.
+    async fn create_plainly(&self, records: &[&TaskRecord]) -> Result<(), StoreError> {
         let index = self.keys.index(None);
         let mut pipe = ::redis::pipe();
         pipe.atomic();
-        pipe.cmd("HSET").arg(&key).arg(fields).ignore();
-        pipe.cmd("EXPIRE").arg(&key).arg(self.ttl_secs).ignore();
-        pipe.cmd("ZADD")
-            .arg(&index)
-            .arg(record.created_at.timestamp_millis())
-            .arg(&id)
-            .ignore();
-        // The scripts' trimming rule (`trim` in `prelude.lua`): one id in
-        // sixteen trims the index of entries older than the TTL.
-        if id.ends_with('0') {
+        let mut members = Vec::with_capacity(records.len());
+        let mut trim = false;
+        for record in records {
+            let fields = record::encode(record)?;
+            let id = record.id.to_string();
+            let key = self.keys.task(record.id);
+            pipe.cmd("HSET").arg(&key).arg(fields).ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg(self.ttl_secs).ignore();
+            pipe.cmd("PUBLISH")
+                .arg(self.keys.events(&id))
+                .arg(format!(
+                    r#"{{"id":"{id}","state":"{}"}}"#,
+                    record.state.as_str()
+                ))
+                .ignore();
+            // The scripts' trimming rule (`trim` in `prelude.lua`): one id
+            // in sixteen trims the index of entries older than the TTL.
+            trim |= id.ends_with('0');
+            members.push((record.created_at.timestamp_millis(), id));
+        }
+        pipe.cmd("ZADD").arg(&index).arg(members).ignore();
+        if trim {
             pipe.cmd("ZREMRANGEBYSCORE")
                 .arg(&index)
                 .arg("-inf")
                 .arg(format!("({}", self.cutoff_ms()))
                 .ignore();
         }
-        pipe.cmd("PUBLISH")
-            .arg(self.keys.events(&id))
-            .arg(format!(
-                r#"{{"id":"{id}","state":"{}"}}"#,
-                record.state.as_str()
-            ))
-            .ignore();
         let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn)
             .await
@@ -251,7 +257,20 @@ impl RedisStore {
         invocation
     }
 
-    /// One `start_attempt` script call; `message` is the task message JSON
+    /// The arguments every row of `start_attempt.lua` and `end_attempt.lua`
+    /// shares: the key prefix, the TTL and the index cutoff. The cutoff
+    /// only trims indexes, so it is taken to the second, which lets the
+    /// rows of a whole second share it.
+    fn shared_args(&self) -> Vec<Vec<u8>> {
+        let cutoff = self.cutoff_ms() / 1000 * 1000;
+        vec![
+            self.keys.prefix().as_bytes().to_vec(),
+            self.ttl_secs.to_string().into_bytes(),
+            cutoff.to_string().into_bytes(),
+        ]
+    }
+
+    /// One row of `start_attempt.lua`; `message` is the task message JSON
     /// to create a missing record from, or empty.
     async fn start_call(
         &self,
@@ -260,13 +279,22 @@ impl RedisStore {
         at: DateTime<Utc>,
         message: &str,
     ) -> Result<Value, StoreError> {
-        let mut invocation = self.transition(&scripts().start_attempt, msg.id);
-        invocation
-            .arg(worker_id)
-            .arg(record::timestamp(at))
-            .arg(message)
-            .arg(msg.created_at.timestamp_millis());
-        self.eval(invocation).await
+        let mut shared = self.shared_args();
+        shared.push(worker_id.as_bytes().to_vec());
+        let args = vec![
+            msg.id.to_string().into_bytes(),
+            record::timestamp(at).into_bytes(),
+            message.as_bytes().to_vec(),
+            msg.created_at.timestamp_millis().to_string().into_bytes(),
+        ];
+        self.calls
+            .row(
+                &scripts().start_attempt,
+                shared,
+                self.keys.task(msg.id),
+                args,
+            )
+            .await
     }
 
     /// The hashes of the listed tasks `ids`, in order, in one round trip; a
@@ -411,7 +439,7 @@ impl ResultStore for RedisStore {
     async fn create(&self, record: &TaskRecord) -> Result<CreateOutcome, StoreError> {
         if Self::plainly_created(record) {
             return self
-                .create_plainly(record)
+                .create_plainly(&[record])
                 .await
                 .map(|()| CreateOutcome::Created);
         }
@@ -420,12 +448,42 @@ impl ResultStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(count = records.len()))]
     async fn create_many(&self, records: &[TaskRecord]) -> Vec<Result<CreateOutcome, StoreError>> {
-        // Batches stay on the script even without idempotency keys: sent as
-        // plain commands, a batch of 100 cost the intake about as much CPU
-        // more (encoding five commands per task) as it saved Redis. The
-        // calls queue together, so the batch leaves in one pipeline.
+        // Records without an idempotency key go in one MULTI/EXEC of plain
+        // commands: for a batch of 100, about 9 µs of Redis CPU per task
+        // against 22 for the script (`loadtest/redis-scripts.py`). The rest
+        // queue on the script together and leave in one pipeline.
         let cutoff = self.cutoff_ms();
-        futures::future::join_all(records.iter().map(|r| self.create_scripted(r, cutoff))).await
+        let plain: Vec<&TaskRecord> = records
+            .iter()
+            .filter(|r| Self::plainly_created(r))
+            .collect();
+        let scripted = futures::future::join_all(
+            records
+                .iter()
+                .filter(|r| !Self::plainly_created(r))
+                .map(|r| self.create_scripted(r, cutoff)),
+        );
+        let stored = async {
+            if plain.is_empty() {
+                Ok(())
+            } else {
+                self.create_plainly(&plain).await
+            }
+        };
+        let (stored, scripted) = futures::future::join(stored, scripted).await;
+        let mut scripted = scripted.into_iter();
+        records
+            .iter()
+            .map(|r| {
+                if Self::plainly_created(r) {
+                    stored.clone().map(|()| CreateOutcome::Created)
+                } else {
+                    scripted
+                        .next()
+                        .unwrap_or_else(|| Err(StoreError::Other("missing reply to create".into())))
+                }
+            })
+            .collect()
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id))]
@@ -522,14 +580,24 @@ impl ResultStore for RedisStore {
         }
         let result = end.result.as_ref().map(record::to_json).transpose()?;
         let error = end.error.as_ref().map(record::to_json).transpose()?;
-        let mut invocation = self.transition(&scripts().end_attempt, id);
-        invocation
-            .arg(attempt)
-            .arg(end.state.as_str())
-            .arg(record::timestamp(end.at))
-            .arg(result.unwrap_or_default())
-            .arg(error.unwrap_or_default());
-        let (code, mut rest) = reply::coded("end_attempt", self.eval(invocation).await?)?;
+        let args = vec![
+            id.to_string().into_bytes(),
+            attempt.to_string().into_bytes(),
+            end.state.as_str().as_bytes().to_vec(),
+            record::timestamp(end.at).into_bytes(),
+            result.unwrap_or_default().into_bytes(),
+            error.unwrap_or_default().into_bytes(),
+        ];
+        let value = self
+            .calls
+            .row(
+                &scripts().end_attempt,
+                self.shared_args(),
+                self.keys.task(id),
+                args,
+            )
+            .await?;
+        let (code, mut rest) = reply::coded("end_attempt", value)?;
         match code {
             1 => Ok(EndOutcome::Written),
             0 => {

@@ -11,8 +11,10 @@ use claudecluster_engine::broker::jetstream::JetStreamBroker;
 use claudecluster_engine::broker::jetstream::definitions::Definitions;
 use claudecluster_engine::broker::{BrokerError, PriorityBand, TaskConsumer, TaskPublisher};
 use claudecluster_engine::results::redis::RedisStore;
-use claudecluster_engine::results::{ResultStore, StoreError};
-use claudecluster_engine::task::TraceContext;
+use claudecluster_engine::results::{
+    AttemptEnd, EndOutcome, ResultStore, StartOutcome, StoreError,
+};
+use claudecluster_engine::task::{TaskRecord, TaskState, TraceContext};
 use claudecluster_testkit::services;
 
 use crate::harness::{Cleanup, Fixture, message, networked_settings, record, take, within};
@@ -215,6 +217,70 @@ async fn records_and_keys_expire_and_writes_refresh_them() {
         "worker_id",
     ] {
         assert!(fields.iter().any(|x| x == f), "field {f} in {fields:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_and_ends_each_get_their_own_outcome() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let store = RedisStore::connect(&services::redis_url(), &settings.redis)
+        .await
+        .unwrap();
+    let records: Vec<_> = (0..40).map(|_| record()).collect();
+    assert!(store.create_many(&records).await.iter().all(Result::is_ok));
+    // One task's key no longer holds a hash: its writes fail, and the
+    // starts sent in the same call as it must not fail with it.
+    let broken = records[17].id;
+    let mut conn = redis_conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}task:{broken}", settings.redis.key_prefix))
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let messages: Vec<_> = records.iter().map(TaskRecord::to_message).collect();
+    let starts = futures::future::join_all(
+        messages
+            .iter()
+            .map(|m| store.start_attempt(m, "w1", Utc::now())),
+    )
+    .await;
+    for (r, started) in records.iter().zip(&starts) {
+        if r.id == broken {
+            assert!(
+                matches!(started, Err(StoreError::Other(m)) if m.contains("WRONGTYPE")),
+                "{started:?}"
+            );
+        } else {
+            assert_eq!(
+                started.as_ref().unwrap(),
+                &StartOutcome::Started { attempt: 1 }
+            );
+        }
+    }
+    let done = AttemptEnd {
+        state: TaskState::Succeeded,
+        result: None,
+        error: None,
+        at: Utc::now(),
+    };
+    let ends = futures::future::join_all(
+        records
+            .iter()
+            .filter(|r| r.id != broken)
+            .map(|r| store.end_attempt(r.id, 1, &done)),
+    )
+    .await;
+    assert!(
+        ends.iter().all(|e| matches!(e, Ok(EndOutcome::Written))),
+        "{ends:?}"
+    );
+    for r in records.iter().filter(|r| r.id != broken) {
+        let stored = store.get(r.id).await.unwrap().unwrap();
+        assert_eq!(stored.state, TaskState::Succeeded);
+        assert_eq!(stored.attempts, 1);
     }
 }
 

@@ -11,13 +11,19 @@
 //! and at most [`IN_FLIGHT`] pipelines are on the wire, so batches grow with
 //! the load and only with it.
 //!
-//! Each call still runs as its own script in Redis, and fails or succeeds on
-//! its own. A script Redis does not know (a restarted server) is loaded
-//! once, and the calls that needed it are sent again together.
+//! Each call fails or succeeds on its own. Calls of a script that takes
+//! rows ([`Coalescer::row`]: a worker's starts and ends) go further: the
+//! rows queued together for the same script and shared arguments become one
+//! script call, since a call costs Redis more than the row it carries
+//! (`loadtest/redis-scripts.py`). A script Redis does not know (a restarted
+//! server) is loaded once, and the calls that needed it are sent again
+//! together.
 
 use std::sync::Arc;
 
-use ::redis::{ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use ::redis::{
+    ErrorKind, RedisError, RedisResult, Script, ScriptInvocation, ServerErrorKind, Value,
+};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::connections::Connections;
@@ -30,14 +36,75 @@ const MAX_BATCH: usize = 256;
 /// Pipelines on the wire at once.
 const IN_FLIGHT: usize = 2;
 
+type Answer = oneshot::Sender<Result<Value, StoreError>>;
+
+/// A script call on its way to Redis.
 struct Call {
     invocation: ScriptInvocation<'static>,
-    reply: oneshot::Sender<Result<Value, StoreError>>,
+    reply: Reply,
+}
+
+/// Who waits for a call's reply.
+enum Reply {
+    /// One caller, for the whole reply.
+    One(Answer),
+    /// One caller per row, each for its element of the reply's array.
+    Rows(Vec<Answer>),
+}
+
+impl Reply {
+    fn send(self, result: Result<Value, StoreError>) {
+        match self {
+            Reply::One(answer) => {
+                let _ = answer.send(result);
+            }
+            Reply::Rows(answers) => match result {
+                Ok(Value::Array(items)) if items.len() == answers.len() => {
+                    for (answer, item) in answers.into_iter().zip(items) {
+                        let _ = answer.send(match item {
+                            Value::ServerError(e) => Err(reply::redis_error(RedisError::from(e))),
+                            item => Ok(item),
+                        });
+                    }
+                }
+                Ok(other) => {
+                    let e = StoreError::Other(format!(
+                        "expected {} rows in the reply, got {other:?}",
+                        answers.len()
+                    ));
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// One row of a script that takes rows: `KEYS[k]` and its arguments, after
+/// the arguments all rows of the call share.
+struct Row {
+    script: &'static Script,
+    shared: Vec<Vec<u8>>,
+    key: String,
+    args: Vec<Vec<u8>>,
+    reply: Answer,
+}
+
+/// What callers queue.
+enum Queued {
+    Call(Call),
+    Row(Row),
 }
 
 /// The queue of calls; its sender task stops when this is dropped.
 pub(super) struct Coalescer {
-    calls: mpsc::UnboundedSender<Call>,
+    calls: mpsc::UnboundedSender<Queued>,
 }
 
 impl Coalescer {
@@ -52,30 +119,108 @@ impl Coalescer {
     /// Runs one script call, together with whatever else is queued.
     pub async fn eval(&self, invocation: ScriptInvocation<'static>) -> Result<Value, StoreError> {
         let (reply, answer) = oneshot::channel();
+        self.queue(Queued::Call(Call {
+            invocation,
+            reply: Reply::One(reply),
+        }))?;
+        Self::answer(answer).await
+    }
+
+    /// Runs one row of `script`, a script that takes rows (`rows` in
+    /// `prelude.lua`), and returns its element of the reply. Rows queued
+    /// together with the same `shared` arguments go in one call.
+    pub async fn row(
+        &self,
+        script: &'static Script,
+        shared: Vec<Vec<u8>>,
+        key: String,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Value, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue(Queued::Row(Row {
+            script,
+            shared,
+            key,
+            args,
+            reply,
+        }))?;
+        Self::answer(answer).await
+    }
+
+    fn queue(&self, queued: Queued) -> Result<(), StoreError> {
         self.calls
-            .send(Call { invocation, reply })
-            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?;
+            .send(queued)
+            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))
+    }
+
+    async fn answer(
+        answer: oneshot::Receiver<Result<Value, StoreError>>,
+    ) -> Result<Value, StoreError> {
         answer
             .await
             .map_err(|_| StoreError::Unavailable("the call was dropped".into()))?
     }
 }
 
+/// Turns what has queued into calls: rows of the same script with the same
+/// shared arguments become one call, in the order they queued.
+fn calls(queued: Vec<Queued>) -> Vec<Call> {
+    let mut calls = Vec::with_capacity(queued.len());
+    // Each group's rows; its first row holds the script and the shared
+    // arguments for all of them.
+    let mut groups: Vec<Vec<Row>> = Vec::new();
+    for item in queued {
+        match item {
+            Queued::Call(call) => calls.push(call),
+            Queued::Row(row) => {
+                let group = groups.iter_mut().find(|group| {
+                    std::ptr::eq(group[0].script, row.script) && group[0].shared == row.shared
+                });
+                match group {
+                    Some(group) => group.push(row),
+                    None => groups.push(vec![row]),
+                }
+            }
+        }
+    }
+    for rows in groups {
+        let mut invocation = rows[0].script.prepare_invoke();
+        for row in &rows {
+            invocation.key(&row.key);
+        }
+        for arg in &rows[0].shared {
+            invocation.arg(&arg[..]);
+        }
+        let mut answers = Vec::with_capacity(rows.len());
+        for row in rows {
+            for arg in &row.args {
+                invocation.arg(&arg[..]);
+            }
+            answers.push(row.reply);
+        }
+        calls.push(Call {
+            invocation,
+            reply: Reply::Rows(answers),
+        });
+    }
+    calls
+}
+
 /// Takes what has queued, up to [`MAX_BATCH`], whenever fewer than
 /// [`IN_FLIGHT`] pipelines are out, until every sender is gone.
-async fn send_queued(mut queue: mpsc::UnboundedReceiver<Call>, connections: Arc<Connections>) {
+async fn send_queued(mut queue: mpsc::UnboundedReceiver<Queued>, connections: Arc<Connections>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut batch = Vec::new();
-        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+        let mut queued = Vec::new();
+        if queue.recv_many(&mut queued, MAX_BATCH).await == 0 {
             return;
         }
         let connections = connections.clone();
         tokio::spawn(async move {
-            send(batch, &connections).await;
+            send(calls(queued), &connections).await;
             drop(permit);
         });
     }
@@ -111,14 +256,10 @@ async fn send(batch: Vec<Call>, connections: &Connections) {
                 {
                     unknown.push(call);
                 }
-                Some(result) => {
-                    let _ = call.reply.send(result.map_err(reply::redis_error));
-                }
-                None => {
-                    let _ = call
-                        .reply
-                        .send(Err(StoreError::Other("missing reply in a pipeline".into())));
-                }
+                Some(result) => call.reply.send(result.map_err(reply::redis_error)),
+                None => call
+                    .reply
+                    .send(Err(StoreError::Other("missing reply in a pipeline".into()))),
             }
         }
         let Some(first) = unknown.first() else {
@@ -134,7 +275,7 @@ async fn send(batch: Vec<Call>, connections: &Connections) {
 /// Answers every call with `e`.
 fn fail(calls: Vec<Call>, e: &StoreError) {
     for call in calls {
-        let _ = call.reply.send(Err(e.clone()));
+        call.reply.send(Err(e.clone()));
     }
 }
 
@@ -181,6 +322,70 @@ mod tests {
                 assert_eq!(reply.unwrap(), Value::BulkString(arg.clone().into_bytes()));
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_queued_together_share_a_call_and_keep_their_own_replies() {
+        let connections = Arc::new(Connections::new(&services::redis_url(), 1).unwrap());
+        let calls = Coalescer::start(connections);
+        // Each row answers with the number of rows in its call, the shared
+        // argument and its own. Rows asked to fail raise a Lua error or make
+        // redis.call fail.
+        let body = format!(
+            "-- {}\n{}\nlocal function echo(key, arg)\n\
+             if arg == 'lua' then error('asked to fail') end\n\
+             if arg == 'call' then return redis.call('INCRBY', key, 'x') end\n\
+             return {{#KEYS, ARGV[1], arg}}\nend\nreturn rows(echo, 1, 1)",
+            uuid::Uuid::new_v4(),
+            super::super::scripts::PRELUDE,
+        );
+        let echo: &'static Script = Box::leak(Box::new(Script::new(&body)));
+        let key = format!("cc-test:{}", uuid::Uuid::new_v4());
+        let asked: Vec<(String, String)> = (0..300)
+            .map(|i| {
+                let shared = if i % 3 == 0 { "a" } else { "b" };
+                let arg = match i % 50 {
+                    7 => "lua".to_owned(),
+                    8 => "call".to_owned(),
+                    _ => i.to_string(),
+                };
+                (shared.to_owned(), arg)
+            })
+            .collect();
+        let replies = futures::future::join_all(asked.iter().map(|(shared, arg)| {
+            calls.row(
+                echo,
+                vec![shared.clone().into_bytes()],
+                key.clone(),
+                vec![arg.clone().into_bytes()],
+            )
+        }))
+        .await;
+        let mut largest_call = 0;
+        for ((shared, arg), reply) in asked.iter().zip(replies) {
+            match arg.as_str() {
+                "lua" => assert!(
+                    matches!(&reply, Err(StoreError::Other(m)) if m.contains("asked to fail")),
+                    "{reply:?}"
+                ),
+                "call" => assert!(
+                    matches!(&reply, Err(StoreError::Other(m)) if m.contains("not an integer")),
+                    "{reply:?}"
+                ),
+                _ => {
+                    let Value::Array(items) = reply.unwrap() else {
+                        panic!("not an array")
+                    };
+                    let [Value::Int(rows), own_shared, own_arg] = &items[..] else {
+                        panic!("unexpected row reply {items:?}")
+                    };
+                    assert_eq!(own_shared, &Value::BulkString(shared.clone().into_bytes()));
+                    assert_eq!(own_arg, &Value::BulkString(arg.clone().into_bytes()));
+                    largest_call = largest_call.max(*rows);
+                }
+            }
+        }
+        assert!(largest_call > 1, "every row went in a call of its own");
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-const PRELUDE: &str = include_str!("scripts/prelude.lua");
+/// What every transition script starts with (helpers such as `rows`).
+pub(super) const PRELUDE: &str = include_str!("scripts/prelude.lua");
 
 /// One compiled copy of every script, shared by a store's calls.
 pub(super) struct Scripts {

@@ -59,3 +59,25 @@ end
 local function publish(prefix, id, state)
   redis.call('PUBLISH', prefix .. 'events:' .. id, '{"id":"' .. id .. '","state":"' .. state .. '"}')
 end
+
+-- Runs `fn` once per task of a call that carries many (`coalesce.rs`):
+-- with KEYS[k] and the `width` arguments of row k, which follow the
+-- `shared` arguments every row uses. A row whose writes fail gets an error
+-- reply of its own; the other rows still run.
+local function rows(fn, shared, width)
+  local out = {}
+  local a = shared + 1
+  for k = 1, #KEYS do
+    local ok, reply = pcall(fn, KEYS[k], unpack(ARGV, a, a + width - 1))
+    if ok then
+      out[k] = reply
+    elseif type(reply) == 'table' and reply.err then
+      -- An error of redis.call comes as an error reply already.
+      out[k] = reply
+    else
+      out[k] = {err = 'ERR ' .. tostring(reply)}
+    end
+    a = a + width
+  end
+  return out
+end
