@@ -222,9 +222,14 @@ impl JetStreamBroker {
         message: PublishMessage,
     ) -> Result<PublishAck, BrokerError> {
         match self.send_confirmed(subject.clone(), message.clone()).await {
+            // Boxed: the repair future is large, and every publish of a
+            // batch would otherwise carry (and move) room for it.
             Err(PublishFailure::NoStream) => {
-                self.repair(Instant::now()).await?;
-                Ok(self.send_confirmed(subject, message).await?)
+                Box::pin(async {
+                    self.repair(Instant::now()).await?;
+                    Ok(self.send_confirmed(subject, message).await?)
+                })
+                .await
             }
             other => Ok(other?),
         }
