@@ -283,6 +283,9 @@ impl TaskService {
                 })),
                 Err(e) => {
                     tracing::warn!(error = %e, index = i, "storing a batch task failed");
+                    // As for a single submit: Redis may have written the
+                    // record before the reply was lost.
+                    self.roll_back_in_background(&msg);
                     slots.push(None);
                     failed.push(BatchFailure {
                         index: i,
@@ -508,3 +511,6 @@ async fn within<T>(
         .await
         .unwrap_or(Err(ServiceError::Timeout { dependency }))
 }
+
+#[cfg(test)]
+mod tests;
