@@ -14,8 +14,8 @@
 //! Each call fails or succeeds on its own. Calls of a script that takes
 //! rows ([`Coalescer::row`]: a worker's starts and ends) go further: the
 //! rows queued together for the same script and shared arguments become one
-//! script call, since a call costs Redis more than the row it carries
-//! (`loadtest/redis-scripts.py`). A script Redis does not know (a restarted
+//! script call, since every call costs Redis a fixed overhead on top of
+//! the work of its rows (`loadtest/redis-scripts.py`). A script Redis does not know (a restarted
 //! server) is loaded once, and the calls that needed it are sent again
 //! together.
 
@@ -30,7 +30,7 @@ use super::connections::Connections;
 use super::reply;
 use crate::results::StoreError;
 
-/// Calls per pipeline at most.
+/// Queued calls and rows taken into one pipeline at most.
 const MAX_BATCH: usize = 256;
 
 /// Pipelines on the wire at once.
