@@ -157,13 +157,14 @@ def main():
         # start and end take rows (`rows` in prelude.lua): measured with one
         # task per call, and with BATCH tasks per call as a busy worker
         # sends them. They run on the records written just above.
+        written = p
         def row_calls(sha, shared, row, part, per_call):
             out = []
             for b in range(0, len(part), per_call):
                 chunk = part[b:b + per_call]
                 argv = [x for i in chunk for x in row(i)]
-                out.append(resp("EVALSHA", sha, len(chunk), *[f"{p}task:{i}" for i in chunk],
-                                *shared, *argv))
+                out.append(resp("EVALSHA", sha, len(chunk),
+                                *[f"{written}task:{i}" for i in chunk], *shared, *argv))
             return "".join(out)
         start_row = lambda i: [i, at, "", created_ms]
         end_row = lambda i: [i, 1, "succeeded", at, result, ""]
@@ -171,10 +172,10 @@ def main():
         for per_call, part in [(1, ids[:half]), (BATCH, ids[half:])]:
             tasks = "task" if per_call == 1 else "tasks"
             rows.append((f"start_attempt.lua, {per_call} {tasks} per call", server.per_call(
-                row_calls(start, [p, ttl, cutoff, "worker-1"], start_row, part, per_call),
+                row_calls(start, [written, ttl, cutoff, "worker-1"], start_row, part, per_call),
                 len(part))))
             rows.append((f"end_attempt.lua (succeeded), {per_call} {tasks} per call",
-                         server.per_call(row_calls(end, [p, ttl, cutoff], end_row, part,
+                         server.per_call(row_calls(end, [written, ttl, cutoff], end_row, part,
                                                    per_call), len(part))))
         width = max(len(label) for label, _ in rows)
         print(f"Redis CPU per task, {N} tasks each, pipelined ({server.cli('info', 'server').split('redis_version:')[1].split()[0]}):")

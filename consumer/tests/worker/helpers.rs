@@ -3,9 +3,7 @@
 //! would, worker pools to start and stop, and waiting for what a user would
 //! see (a final record, a dead letter, a heartbeat).
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -16,30 +14,9 @@ use claudecluster_engine::broker::{DeadLetter, PriorityBand};
 use claudecluster_engine::config::{ExecutorKind, ResourceLimits, Settings};
 use claudecluster_engine::task::{NewTask, TaskId, TaskMessage, TaskRecord};
 use claudecluster_testkit::services;
+pub use claudecluster_testkit::wait::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// How long any wait in these tests may take before the test fails.
-pub const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Fails the test when `what` has not happened within [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// One test's streams, consumers and keys, removed on drop.
 pub struct World {

@@ -16,6 +16,7 @@ use claudecluster_engine::results::{
 };
 use claudecluster_engine::task::{TaskRecord, TaskState, TraceContext};
 use claudecluster_testkit::services;
+use claudecluster_testkit::wait::eventually;
 
 use crate::harness::{Cleanup, Fixture, message, networked_settings, record, take, within};
 use crate::proxy::{Proxy, host_port};
@@ -430,21 +431,6 @@ fn through(proxy: &Proxy, url: &str) -> String {
     url.replacen(&host_port(url), &format!("127.0.0.1:{}", proxy.port()), 1)
 }
 
-/// Polls `check` until it holds; for states that have no event to await
-/// (a client noticing a dropped connection, a pool replacing a dead one).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    within(what, async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn a_nats_outage_is_reported_and_survived() {
     let fixture = Fixture::networked().await;
@@ -460,7 +446,7 @@ async fn a_nats_outage_is_reported_and_survived() {
 
     proxy.cut();
     eventually("health to report the outage", || async {
-        broker.health().await.is_err()
+        broker.health().await.is_err().then_some(())
     })
     .await;
     let pulled = within("a pull during the outage", broker.next_batch(1)).await;
@@ -514,7 +500,7 @@ async fn a_redis_outage_is_unavailable_then_recovers() {
 
     proxy.restore();
     eventually("the store to reconnect", || async {
-        matches!(store.get(r.id).await, Ok(Some(_)))
+        matches!(store.get(r.id).await, Ok(Some(_))).then_some(())
     })
     .await;
 }
@@ -542,7 +528,7 @@ async fn an_idle_worker_parks_a_pull_on_every_band_and_gets_its_task_from_it() {
     let consumer = fixture.backends.consumer.clone();
     let waiting = tokio::spawn(async move { consumer.next_batch(5).await });
     eventually("a pull parked on every band", || async {
-        parked_pulls(&fixture.settings).await == [1, 1, 1]
+        (parked_pulls(&fixture.settings).await == [1, 1, 1]).then_some(())
     })
     .await;
 
@@ -569,7 +555,7 @@ async fn a_full_worker_parks_no_pulls() {
     // An idle worker with one free permit watches every band.
     let first = idle();
     eventually("a pull parked on every band", || async {
-        parked_pulls(&fixture.settings).await == [1, 1, 1]
+        (parked_pulls(&fixture.settings).await == [1, 1, 1]).then_some(())
     })
     .await;
     // The high band's pull brings a task, which fills the worker: that band
@@ -587,7 +573,7 @@ async fn a_full_worker_parks_no_pulls() {
 
     let second = idle();
     eventually("high watched again", || async {
-        parked_pulls(&fixture.settings).await == [1, 1, 1]
+        (parked_pulls(&fixture.settings).await == [1, 1, 1]).then_some(())
     })
     .await;
     second.abort();

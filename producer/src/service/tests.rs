@@ -12,6 +12,7 @@ use claudecluster_engine::results::{
     TaskPage, WorkerInfo,
 };
 use claudecluster_testkit::services;
+use claudecluster_testkit::wait::eventually;
 
 use super::*;
 
@@ -140,17 +141,13 @@ async fn a_batch_whose_store_reply_was_lost_leaves_no_record() {
 
     let written = store.written.lock().unwrap().clone();
     assert_eq!(written.len(), 3);
-    for _ in 0..100 {
-        let mut left = 0;
+    eventually("the records to be rolled back", || async {
         for id in &written {
             if store.redis.get(*id).await.unwrap().is_some() {
-                left += 1;
+                return None;
             }
         }
-        if left == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("records of tasks that were never accepted are still stored");
+        Some(())
+    })
+    .await;
 }
