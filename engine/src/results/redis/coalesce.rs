@@ -67,16 +67,13 @@ impl Reply {
                         });
                     }
                 }
-                Ok(other) => {
-                    let e = StoreError::Other(format!(
-                        "expected {} rows in the reply, got {other:?}",
-                        answers.len()
-                    ));
-                    for answer in answers {
-                        let _ = answer.send(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
+                other => {
+                    let e = other.err().unwrap_or_else(|| {
+                        StoreError::Other(format!(
+                            "expected an array of {} rows in the reply",
+                            answers.len()
+                        ))
+                    });
                     for answer in answers {
                         let _ = answer.send(Err(e.clone()));
                     }
