@@ -60,9 +60,6 @@ struct Lane {
     band: PriorityBand,
     subject: String,
     consumer: PullConsumer,
-    /// The reply inbox of this band's pulls, kept between pulls (see
-    /// [`consume`]); empty until the first pull and after an abandoned one.
-    inbox: std::sync::Mutex<Option<consume::Inbox>>,
 }
 
 /// Tasks on NATS JetStream.
@@ -139,7 +136,6 @@ impl JetStreamBroker {
                 band: *band,
                 subject: config.filter_subject.clone(),
                 consumer,
-                inbox: std::sync::Mutex::default(),
             });
         }
         Ok(Self {

@@ -1,17 +1,24 @@
-//! How a worker learns that a band has work without polling it: a *watch*,
-//! a pull of one message parked on the server, per band that was last
-//! found empty.
+//! Everything the server sends a worker's bands: the deliveries of its
+//! pulls, and of its *watches*, which tell it that a band has work without
+//! polling: a pull of one message parked on the server, per band that was
+//! last found empty.
 //!
 //! A watch is a pull request without `no_wait`: the server holds it until a
 //! message comes for the band (new, or back after a nak or an expired
 //! lease), and delivers that message straight to the worker. So an idle
 //! worker costs nothing until work arrives, and the work arrives with the
 //! news of it, without a second round trip to fetch it. Each band's watches
-//! answer to an inbox of their own, which a background task reads:
+//! answer to an inbox of their own, and its no-wait pulls to another; a
+//! background task reads each:
 //!
 //! - A delivery is *held* for the next [`Arrivals::take_held`] and wakes the
 //!   waiting worker. When the delivery says more messages are pending, the
 //!   band is marked dirty, so the next pass pulls the rest in one batch.
+//! - The server answers a band's pulls in order, so each delivery to the
+//!   pull inbox counts toward the oldest open pull, and a pull's end (`404`
+//!   or `408` once the band runs dry, a status for a gone consumer) ends
+//!   every older one too. [`Arrivals::outstanding`] is what open pulls may
+//!   still bring, which the worker does not pull again.
 //! - The server ends an unfulfilled watch after [`WATCH_EXPIRES`] with a
 //!   status; the worker is woken to park a new one.
 //! - A watch the server refuses (the consumer's `max_waiting` is reached)
@@ -19,11 +26,10 @@
 //!   dirty, and the band is not watched again for [`FULL_PASS_EVERY`]:
 //!   parking at once would be refused again, in a loop.
 //!
-//! A band is watched when it is neither dirty nor watched already: after
-//! each pass (a band whose pull came back short is empty now), and before
-//! the worker waits, and only while the worker has a free permit. A band
-//! that keeps filling its pulls is marked dirty by the caller and pulled on
-//! every pass instead.
+//! A band is watched when it is neither dirty, nor watched already, nor
+//! waiting for an open pull: after each pass, and before the worker waits,
+//! and only while the worker has a free permit. A band that keeps bringing
+//! more is dirty and pulled on every pass instead.
 //!
 //! Watches on three bands can bring more messages than the worker has free
 //! permits, and pulls may fill the worker after a watch was parked: such a
@@ -33,6 +39,8 @@
 //! long enough that a task is not passed from one full worker to the next
 //! (each hand-back counts a delivery against the consumer's
 //! `max_deliver`), short enough that an idle worker elsewhere gets it soon.
+//! The same goes for what a forgotten pull (one the server left unanswered
+//! for a while) brings late.
 //!
 //! Why not have the stream announce each stored message (`republish`) and
 //! pull on the announcement: with message ids on the stream, announcing
@@ -82,6 +90,8 @@ struct Band {
     consumer: PullConsumer,
     /// The band's watch inbox: watch `n` answers to `<prefix>.<n>`.
     prefix: String,
+    /// The band's pull inbox: pull `n` answers to `<pull_prefix>.<n>`.
+    pull_prefix: String,
     /// May hold work: pull it on the next pass.
     dirty: AtomicBool,
     state: Mutex<BandState>,
@@ -97,9 +107,27 @@ struct BandState {
     /// (too many waiting pulls, a consumer deleted), and parking again at
     /// once would only be refused again, in a loop.
     refused_until: Option<Instant>,
-    /// Deliveries to watches not handed out yet, oldest first, with when
-    /// they came.
+    /// Deliveries to watches and pulls not handed out yet, oldest first,
+    /// with when they came.
     held: VecDeque<(Instant, async_nats::Message)>,
+    /// The number of the last pull sent.
+    pulls_sent: u64,
+    /// Pulls sent and not finished, oldest first. The server answers a
+    /// band's pulls in the order they came, so each delivery counts toward
+    /// the oldest, and the end of one ends every older one too.
+    pulls: VecDeque<OpenPull>,
+    /// When the oldest open pull was sent or last heard from.
+    heard: Option<Instant>,
+    /// The server said nobody serves the band's consumer.
+    missing: bool,
+}
+
+/// A pull the server has not finished answering.
+#[derive(Debug, Clone, Copy)]
+struct OpenPull {
+    n: u64,
+    want: usize,
+    got: usize,
 }
 
 /// The watches of one broker's bands, and the deliveries they brought.
@@ -148,17 +176,21 @@ impl Arrivals {
         let stop = CancellationToken::new();
         let mut bands = Vec::with_capacity(lanes.len());
         let mut inboxes = Vec::with_capacity(lanes.len());
-        for (band, consumer) in lanes {
+        for (index, (band, consumer)) in lanes.into_iter().enumerate() {
             let prefix = client.new_inbox();
-            let inbox = client
-                .subscribe(format!("{prefix}.*"))
-                .await
-                .map_err(|e| unavailable("cannot subscribe for watches", e))?;
-            inboxes.push(inbox);
+            let pull_prefix = client.new_inbox();
+            for (kind, prefix) in [(Kind::Watch, &prefix), (Kind::Pull, &pull_prefix)] {
+                let inbox = client
+                    .subscribe(format!("{prefix}.*"))
+                    .await
+                    .map_err(|e| unavailable("cannot subscribe for arrivals", e))?;
+                inboxes.push((index, kind, inbox));
+            }
             bands.push(Band {
                 band,
                 consumer,
                 prefix,
+                pull_prefix,
                 dirty: AtomicBool::new(true),
                 state: Mutex::default(),
             });
@@ -172,11 +204,12 @@ impl Arrivals {
             hold,
             _stop: stop.clone().drop_guard(),
         });
-        for (index, inbox) in inboxes.into_iter().enumerate() {
+        for (index, kind, inbox) in inboxes {
             tokio::spawn(read_inbox(
                 inbox,
                 Arc::downgrade(&arrivals),
                 index,
+                kind,
                 stop.clone(),
             ));
         }
@@ -255,6 +288,11 @@ impl Arrivals {
                 if state.refused_until.is_some_and(|until| now < until) {
                     continue;
                 }
+                // A band with a pull still coming in is not known to be
+                // empty: the pull's end tells.
+                if !state.pulls.is_empty() {
+                    continue;
+                }
                 state.sent += 1;
                 state.parked = Some((state.sent, now));
                 format!("{}.{}", b.prefix, state.sent)
@@ -273,37 +311,145 @@ impl Arrivals {
         result
     }
 
-    /// Parks the watches, then waits until a watch delivers or expires, or
-    /// the next full pass is due.
-    pub(super) async fn wait(&self) {
+    /// Parks the watches, then waits until a watch or pull delivers or
+    /// ends, a pull has been silent for `silence`, or the next full pass is
+    /// due.
+    pub(super) async fn wait(&self, silence: Duration) {
         if let Err(e) = self.watch_idle().await {
             tracing::warn!(error = %e, "cannot watch for arrivals");
         }
-        let deadline = *lock(&self.next_full_pass);
+        let mut deadline = *lock(&self.next_full_pass);
+        for b in &self.bands {
+            let state = lock(&b.state);
+            if let Some(heard) = state.heard.filter(|_| !state.pulls.is_empty()) {
+                deadline = deadline.min(heard + silence);
+            }
+        }
         let _ = tokio::time::timeout_at(deadline, self.notify.notified()).await;
     }
 
+    /// Sends a no-wait pull of up to `want` messages on `band`. Its
+    /// deliveries are held like a watch's, as they come.
+    ///
+    /// # Errors
+    /// When the request cannot be sent.
+    pub(super) async fn pull(&self, band: PriorityBand, want: usize) -> Result<(), BrokerError> {
+        let Some(b) = self.bands.iter().find(|b| b.band == band) else {
+            return Ok(());
+        };
+        let (n, reply) = {
+            let mut state = lock(&b.state);
+            state.pulls_sent += 1;
+            let n = state.pulls_sent;
+            if state.pulls.is_empty() {
+                state.heard = Some(Instant::now());
+            }
+            state.pulls.push_back(OpenPull { n, want, got: 0 });
+            (n, format!("{}.{n}", b.pull_prefix))
+        };
+        let request = BatchConfig {
+            batch: want,
+            no_wait: true,
+            ..BatchConfig::default()
+        };
+        if let Err(e) = b.consumer.request_batch(request, reply.into()).await {
+            lock(&b.state).pulls.retain(|p| p.n != n);
+            return Err(unavailable("cannot send a pull request", e));
+        }
+        Ok(())
+    }
+
+    /// Messages that open pulls may still bring, over every band.
+    pub(super) fn outstanding(&self) -> usize {
+        self.bands
+            .iter()
+            .map(|b| {
+                lock(&b.state)
+                    .pulls
+                    .iter()
+                    .map(|p| p.want - p.got)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Forgets every open pull (the connection went, and the server drops
+    /// a lost connection's pulls).
+    pub(super) fn forget_pulls(&self) {
+        for b in &self.bands {
+            lock(&b.state).pulls.clear();
+        }
+    }
+
+    /// The bands whose consumer the server said is gone, since last asked.
+    pub(super) fn take_missing(&self) -> Vec<PriorityBand> {
+        self.bands
+            .iter()
+            .filter(|b| std::mem::take(&mut lock(&b.state).missing))
+            .map(|b| b.band)
+            .collect()
+    }
+
+    /// The bands whose open pulls the server has not answered for
+    /// `silence`. Those pulls are forgotten: what they still bring is held
+    /// like any other delivery, and the band is pulled afresh when due.
+    pub(super) fn take_silent(&self, silence: Duration) -> Vec<PriorityBand> {
+        let now = Instant::now();
+        self.bands
+            .iter()
+            .filter(|b| {
+                let mut state = lock(&b.state);
+                let silent = !state.pulls.is_empty()
+                    && state
+                        .heard
+                        .is_some_and(|heard| now.duration_since(heard) >= silence);
+                if silent {
+                    state.pulls.clear();
+                }
+                silent
+            })
+            .map(|b| b.band)
+            .collect()
+    }
+
+    /// Holds a delivery to band `b` for the next pass, after `arrived` has
+    /// noted it in the band's state, and wakes the worker. A delivery that
+    /// says more messages are pending marks the band dirty: it is pulled on
+    /// the next pass, if the worker has room beyond what open pulls still
+    /// bring.
+    fn hold(
+        &self,
+        b: &Band,
+        message: async_nats::Message,
+        arrived: impl FnOnce(&mut BandState, Instant),
+    ) {
+        let delivery = jetstream::Message {
+            message,
+            context: self.js.clone(),
+        };
+        let more = delivery.info().is_ok_and(|info| info.pending > 0);
+        let now = Instant::now();
+        let mut state = lock(&b.state);
+        arrived(&mut state, now);
+        state.held.push_back((now, delivery.message));
+        drop(state);
+        if more {
+            b.dirty.store(true, Ordering::Release);
+        }
+        self.notify.notify_one();
+    }
+
     /// Takes one message from band `index`'s watch inbox.
-    fn received(&self, index: usize, message: async_nats::Message) {
+    fn watched(&self, index: usize, message: async_nats::Message) {
         let b = &self.bands[index];
         match message.status {
             None | Some(StatusCode::OK) => {
-                let delivery = jetstream::Message {
-                    message,
-                    context: self.js.clone(),
-                };
-                let more = delivery.info().is_ok_and(|info| info.pending > 0);
-                let mut state = lock(&b.state);
-                // A watch brings one message: whichever was parked is done.
-                // (Were two parked, the other one's delivery is simply held
-                // too.)
-                state.parked = None;
-                state.held.push_back((Instant::now(), delivery.message));
-                drop(state);
-                if more {
-                    b.dirty.store(true, Ordering::Release);
-                }
-                self.notify.notify_one();
+                self.hold(b, message, |state, _| {
+                    // A watch brings one message: whichever was parked is
+                    // done. (Were two parked, the other one's delivery is
+                    // simply held too.)
+                    state.parked = None;
+                });
             }
             Some(StatusCode::IDLE_HEARTBEAT) => {}
             Some(status) => {
@@ -333,6 +479,70 @@ impl Arrivals {
                     b.dirty.store(true, Ordering::Release);
                 }
                 // Woken, the worker parks a new watch or pulls.
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    /// Takes one message from band `index`'s pull inbox.
+    fn pulled(&self, index: usize, message: async_nats::Message) {
+        let b = &self.bands[index];
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                self.hold(b, message, |state, now| {
+                    if let Some(oldest) = state.pulls.front_mut() {
+                        oldest.got += 1;
+                        if oldest.got >= oldest.want {
+                            state.pulls.pop_front();
+                        }
+                        state.heard = Some(now);
+                    }
+                });
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => {}
+            Some(status) => {
+                let n = message
+                    .subject
+                    .as_str()
+                    .strip_prefix(b.pull_prefix.as_str())
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .and_then(|n| n.parse::<u64>().ok());
+                let mut state = lock(&b.state);
+                let Some(n) = n.filter(|n| state.pulls.iter().any(|p| p.n == *n)) else {
+                    return; // the end of a pull already finished or forgotten
+                };
+                while let Some(pull) = state.pulls.pop_front() {
+                    if pull.n == n {
+                        break;
+                    }
+                }
+                state.heard = Some(Instant::now());
+                match status {
+                    // No (more) messages. The band was empty after every
+                    // delivery of the pulls before, whatever they said was
+                    // pending.
+                    StatusCode::NOT_FOUND | StatusCode::TIMEOUT => {
+                        if state.pulls.is_empty() {
+                            b.dirty.store(false, Ordering::Release);
+                        }
+                    }
+                    // Nobody serves this consumer: it or its stream is gone.
+                    StatusCode::NO_RESPONDERS => state.missing = true,
+                    // Cut short (limits, leadership change): nothing more
+                    // from this band now.
+                    StatusCode::REQUEST_TERMINATED => tracing::debug!(
+                        band = b.band.as_str(),
+                        reason = ?message.description,
+                        "pull ended early"
+                    ),
+                    status => tracing::warn!(
+                        band = b.band.as_str(),
+                        %status,
+                        reason = ?message.description,
+                        "unexpected status to a pull request"
+                    ),
+                }
+                drop(state);
                 self.notify.notify_one();
             }
         }
@@ -379,12 +589,20 @@ impl Arrivals {
     }
 }
 
-/// Reads band `index`'s watch inbox until `stop` (the broker went) or the
-/// client closes, handing back what is held too long.
+/// Which of a band's two inboxes a reader serves.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Watch,
+    Pull,
+}
+
+/// Reads one of band `index`'s inboxes until `stop` (the broker went) or
+/// the client closes, handing back what is held too long.
 async fn read_inbox(
     mut inbox: async_nats::Subscriber,
     arrivals: Weak<Arrivals>,
     index: usize,
+    kind: Kind,
     stop: CancellationToken,
 ) {
     loop {
@@ -405,7 +623,10 @@ async fn read_inbox(
         let Some(arrivals) = arrivals.upgrade() else {
             return;
         };
-        arrivals.received(index, message);
+        match kind {
+            Kind::Watch => arrivals.watched(index, message),
+            Kind::Pull => arrivals.pulled(index, message),
+        }
     }
 }
 
@@ -437,11 +658,17 @@ mod tests {
 
     impl Queue {
         async fn new() -> Self {
-            Self::with_max_waiting(512).await
+            Self::with_limits(512, -1).await
         }
 
         /// At most `max_waiting` pulls parked on the consumer.
         async fn with_max_waiting(max_waiting: i64) -> Self {
+            Self::with_limits(max_waiting, -1).await
+        }
+
+        /// At most `max_waiting` pulls parked on the consumer, and at most
+        /// `max_ack_pending` messages out (-1: no limit).
+        async fn with_limits(max_waiting: i64, max_ack_pending: i64) -> Self {
             let client = async_nats::connect(services::nats_url()).await.unwrap();
             let js = jetstream::new(client.clone());
             let name = services::unique("CCARRIVALS").replace(['.', '-', ':'], "_");
@@ -459,6 +686,7 @@ mod tests {
                     durable_name: Some("workers".into()),
                     ack_policy: consumer::AckPolicy::Explicit,
                     max_waiting,
+                    max_ack_pending,
                     ..Default::default()
                 })
                 .await
@@ -561,6 +789,91 @@ mod tests {
         assert_eq!(held[0].1.payload.as_ref(), b"second");
         assert_eq!(arrivals.take_due(), normal);
         ack(&queue, held).await;
+        queue.delete().await;
+    }
+
+    /// Takes held deliveries until there are `n`.
+    async fn held(arrivals: &Arrivals, n: usize) -> Vec<(PriorityBand, async_nats::Message)> {
+        let mut held = Vec::new();
+        loop {
+            held.extend(arrivals.take_held(n - held.len()));
+            if held.len() == n {
+                return held;
+            }
+            reported(arrivals).await;
+        }
+    }
+
+    fn bodies(held: &[(PriorityBand, async_nats::Message)]) -> Vec<&[u8]> {
+        held.iter().map(|(_, m)| m.payload.as_ref()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_pull_counts_until_answered_and_its_end_says_the_band_is_empty() {
+        let queue = Queue::new().await;
+        let arrivals = queue.arrivals().await;
+        let normal = [PriorityBand::Normal];
+        for body in ["a", "b", "c", "d", "e"] {
+            queue.publish(body).await;
+        }
+        arrivals.take_due();
+
+        // Counted from the moment it is sent, so the worker does not pull
+        // the same room twice; each delivery counts toward it.
+        arrivals.pull(PriorityBand::Normal, 3).await.unwrap();
+        assert_eq!(arrivals.outstanding(), 3);
+        let first = held(&arrivals, 3).await;
+        assert_eq!(bodies(&first), [b"a", b"b", b"c"]);
+        assert_eq!(arrivals.outstanding(), 0);
+        assert_eq!(arrivals.take_due(), normal, "two more are pending");
+
+        // A pull for more than is left brings the rest, then ends with "no
+        // messages": the band is known empty, though a delivery said more
+        // were pending.
+        arrivals.pull(PriorityBand::Normal, 5).await.unwrap();
+        let rest = held(&arrivals, 2).await;
+        assert_eq!(bodies(&rest), [b"d", b"e"]);
+        claudecluster_testkit::wait::eventually("the pull's end", || async {
+            (arrivals.outstanding() == 0).then_some(())
+        })
+        .await;
+        assert!(arrivals.take_due().is_empty());
+        ack(&queue, first).await;
+        ack(&queue, rest).await;
+        queue.delete().await;
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_pull_is_forgotten_and_what_it_brings_later_is_held() {
+        // One message out at a time: a second pull is parked, unanswered.
+        let queue = Queue::with_limits(512, 1).await;
+        let arrivals = queue.arrivals().await;
+        queue.publish("first").await;
+        queue.publish("second").await;
+        arrivals.take_due();
+        arrivals.pull(PriorityBand::Normal, 1).await.unwrap();
+        let first = held(&arrivals, 1).await;
+        arrivals.pull(PriorityBand::Normal, 1).await.unwrap();
+        assert_eq!(arrivals.outstanding(), 1);
+
+        // Silent past the limit: forgotten, so its room goes elsewhere.
+        let silence = Duration::from_millis(200);
+        assert!(arrivals.take_silent(silence).is_empty(), "not silent yet");
+        tokio::time::sleep(silence).await;
+        assert_eq!(arrivals.take_silent(silence), [PriorityBand::Normal]);
+        assert_eq!(arrivals.outstanding(), 0);
+
+        // Once the first is done, the server answers the forgotten pull:
+        // its delivery is held for the worker, as a first delivery.
+        ack(&queue, first).await;
+        let second = held(&arrivals, 1).await;
+        assert_eq!(bodies(&second), [b"second"]);
+        let info = jetstream::Message {
+            message: second[0].1.clone(),
+            context: queue.js.clone(),
+        };
+        assert_eq!(info.info().unwrap().delivered, 1);
+        ack(&queue, second).await;
         queue.delete().await;
     }
 

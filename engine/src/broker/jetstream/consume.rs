@@ -1,32 +1,32 @@
 //! Taking tasks off the queue, highest band first, never more than the
 //! worker has permits for.
 //!
-//! Each pull is a no-wait fetch of exactly the remaining permits, so a busy
-//! worker holds no more messages than it can start (they stay available to
-//! other workers). A worker pulls only the bands that [`Arrivals`] says may
-//! hold work (a watch brought a message and more are pending, the last pull
-//! filled its batch, or a full pass is due). With none, it does not poll in
-//! a loop: each band has a one-message watch parked on the server, and the
+//! A pull is a no-wait fetch of the worker's free permits less what its
+//! open pulls still bring, so a busy worker holds no more messages than it
+//! can start (the rest stay available to other workers). A worker pulls
+//! only the bands that [`Arrivals`] says may hold work (a delivery said more
+//! are pending, or a full pass is due). With none, it does not poll in a
+//! loop: each band has a one-message watch parked on the server, and the
 //! worker sleeps until one brings a task. Watches on every band at once mean
 //! a high-priority arrival never waits behind a long pull on another band.
 //!
-//! Each band keeps one reply inbox for all its pulls ([`Inbox`]): a pull is
-//! then a single request on the wire, not a subscribe, a request and an
-//! unsubscribe.
+//! Pulls are answered into [`Arrivals`] too, and `next_batch` hands out
+//! what has come so far instead of waiting for a whole pull: a task starts
+//! as soon as its message is in, and as permits free up the worker sends
+//! the next pull while earlier ones are still arriving. A worker that
+//! waited for each pull to finish spent most of its time doing so, with
+//! permits free and work queued.
 //!
-//! Dropping a `next_batch` future (shutdown) loses nothing for good: messages
-//! already pulled but not handed out are unacknowledged, and JetStream
-//! delivers them again after `ack_wait`.
+//! Dropping a `next_batch` future (shutdown) loses nothing for good: what
+//! was pulled and not handed out is held, handed back after the hold time,
+//! or, once the broker is gone, redelivered after `ack_wait`.
 
 use std::time::{Duration, Instant};
 
-use async_nats::StatusCode;
-use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind as JsAckKind};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use tracing::instrument;
 
 use super::arrivals::Arrivals;
@@ -40,14 +40,16 @@ use crate::task::TaskId;
 /// request without a word. (An expiry on the request would bound that, but
 /// a 2.9 server then also holds pulls on empty bands until the expiry,
 /// which costs far more.) Silence past this means "band saturated": the
-/// worker moves on to the next band and the parked request is handed to
-/// [`rescue`].
+/// pull is forgotten, so the room it was counted against goes to the other
+/// bands, and whatever it brings later is held like any delivery.
 const SILENCE: Duration = Duration::from_secs(1);
 
-/// How long [`rescue`] keeps listening for deliveries to an abandoned pull.
-const RESCUE_WINDOW: Duration = Duration::from_secs(300);
+/// The fewest messages worth a pull of its own while earlier pulls are
+/// still coming in: each request costs the server about as much as a
+/// delivery, and the open pulls' deliveries bring the worker back soon.
+const TOP_UP_MIN: usize = 16;
 
-/// Why a pull failed.
+/// Why pulling failed.
 enum PullError {
     /// Nobody serves the band's consumer: it or the stream is gone.
     Missing(BrokerError),
@@ -59,84 +61,6 @@ impl From<PullError> for BrokerError {
     fn from(e: PullError) -> Self {
         match e {
             PullError::Missing(e) | PullError::Other(e) => e,
-        }
-    }
-}
-
-/// A band's reply inbox: one wildcard subscription that every pull of the
-/// band reuses, each pull answering to `<inbox>.<n>` with its own `n`.
-/// Subscribing and unsubscribing around every pull made the server rebuild
-/// its subscription cache each time, which slowed every publish on the
-/// server. Status replies (`404`, `408`, ...) come on the exact reply subject,
-/// so a late status of an earlier pull is told apart and skipped; deliveries
-/// carry their stream subject instead, and any that arrive are this band's.
-pub(super) struct Inbox {
-    prefix: String,
-    replies: async_nats::Subscriber,
-    /// The number of the last pull sent.
-    sent: u64,
-}
-
-impl std::fmt::Debug for Inbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbox")
-            .field("prefix", &self.prefix)
-            .field("sent", &self.sent)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A band's inbox taken out of its lane for one pull. Put back when the
-/// server has finished with the pull; dropped before that (a silent band,
-/// or the caller's future dropped at shutdown), it hands the inbox to
-/// [`rescue`], so messages still on their way are given back at once
-/// instead of sitting out their lease in a dead inbox, and the band's next
-/// pull opens a fresh inbox.
-struct Pull<'a> {
-    inbox: Option<Inbox>,
-    slot: &'a std::sync::Mutex<Option<Inbox>>,
-    finished: bool,
-    js: jetstream::Context,
-}
-
-impl Drop for Pull<'_> {
-    fn drop(&mut self) {
-        let Some(inbox) = self.inbox.take() else {
-            return;
-        };
-        if self.finished {
-            let mut slot = self
-                .slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Another pull of the same band may have opened its own inbox
-            // meanwhile; one is enough, and this one is then dropped.
-            if slot.is_none() {
-                *slot = Some(inbox);
-            }
-        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(rescue(inbox.replies, self.js.clone()));
-        }
-    }
-}
-
-/// Naks every message that arrives on an abandoned pull's inbox, until the
-/// server ends the request or [`RESCUE_WINDOW`] passes.
-async fn rescue(mut replies: async_nats::Subscriber, js: jetstream::Context) {
-    let deadline = tokio::time::Instant::now() + RESCUE_WINDOW;
-    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await {
-        match message.status {
-            None | Some(StatusCode::OK) => {
-                let message = jetstream::Message {
-                    message,
-                    context: js.clone(),
-                };
-                if let Err(e) = message.ack_with(JsAckKind::Nak(None)).await {
-                    tracing::debug!(error = %e, "cannot hand back a late delivery");
-                }
-            }
-            Some(StatusCode::IDLE_HEARTBEAT) => {}
-            Some(_) => return,
         }
     }
 }
@@ -165,150 +89,44 @@ impl Acker for JetStreamAcker {
 }
 
 impl JetStreamBroker {
-    /// Pulls what is available now, band by band, up to `max`.
-    ///
-    /// # Errors
-    /// When the first pull fails; a later failure returns what was already
-    /// pulled (those messages are leased to this worker and must be handed
-    /// out).
-    async fn take_available(
-        &self,
-        max: usize,
-        bands: impl Fn(PriorityBand) -> bool,
-    ) -> Result<Vec<Delivery>, PullError> {
-        let mut out = Vec::new();
-        for lane in self.lanes.iter().filter(|lane| bands(lane.band)) {
-            let want = max - out.len();
-            if want == 0 {
-                break;
-            }
-            if let Err(e) = self.fetch(lane, want, &mut out).await {
-                if out.is_empty() {
-                    return Err(e);
-                }
-                tracing::warn!(band = lane.band.as_str(), error = %BrokerError::from(e), "pull failed; handing out what was pulled");
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    /// One no-wait pull of up to `want` messages from a band.
-    async fn fetch(
-        &self,
-        lane: &Lane,
-        want: usize,
-        out: &mut Vec<Delivery>,
-    ) -> Result<(), PullError> {
-        // Checked first so an outage fails fast instead of after `SILENCE`.
-        if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(PullError::Other(BrokerError::Unavailable(
-                "not connected to NATS".into(),
-            )));
-        }
-        let kept = lane
-            .inbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let inbox = match kept {
-            Some(inbox) => inbox,
-            None => {
-                let prefix = self.client.new_inbox();
-                let replies = self
-                    .client
-                    .subscribe(format!("{prefix}.*"))
-                    .await
-                    .map_err(|e| PullError::Other(unavailable("cannot subscribe for pulls", e)))?;
-                Inbox {
-                    prefix,
-                    replies,
-                    sent: 0,
-                }
-            }
-        };
-        let mut pull = Pull {
-            inbox: Some(inbox),
-            slot: &lane.inbox,
-            finished: false,
-            js: self.js.clone(),
-        };
-        let Some(inbox) = pull.inbox.as_mut() else {
+    /// Sends a pull for the room the worker has beyond what open pulls still
+    /// bring, to the first band that is due; the other due bands stay due,
+    /// and are pulled once that pull comes back short. One band per pass
+    /// keeps the order of the bands: a band is pulled only when every band
+    /// before it had less than the worker could take.
+    async fn pull_due(&self, arrivals: &Arrivals, room: usize) -> Result<(), PullError> {
+        let outstanding = arrivals.outstanding();
+        let Some(free) = room.checked_sub(outstanding).filter(|free| *free > 0) else {
             return Ok(());
         };
-        inbox.sent += 1;
-        let reply = format!("{}.{}", inbox.prefix, inbox.sent);
-        let request = BatchConfig {
-            batch: want,
-            no_wait: true,
-            ..BatchConfig::default()
-        };
-        lane.consumer
-            .request_batch(request, reply.clone().into())
-            .await
-            .map_err(|e| PullError::Other(unavailable("cannot send a pull request", e)))?;
-
-        let started = out.len();
-        let replies = &mut inbox.replies;
-        let collect = async {
-            while out.len() - started < want {
-                let Some(message) = replies.next().await else {
-                    return Err(PullError::Other(BrokerError::Unavailable(
-                        "connection closed during a pull".into(),
-                    )));
-                };
-                match message.status {
-                    None | Some(StatusCode::OK) => out.push(self.delivery(message, lane.band)),
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    // The late end of an earlier pull of this band.
-                    Some(_) if message.subject.as_str() != reply => {}
-                    // Nobody serves this consumer: it or its stream is gone.
-                    Some(StatusCode::NO_RESPONDERS) => {
-                        return Err(PullError::Missing(BrokerError::Unavailable(format!(
-                            "the consumer of the {} band does not exist",
-                            lane.band.as_str()
-                        ))));
-                    }
-                    // No (more) messages.
-                    Some(StatusCode::NOT_FOUND | StatusCode::TIMEOUT) => break,
-                    // The request was cut short (limits, leadership change):
-                    // nothing more from this band now.
-                    Some(StatusCode::REQUEST_TERMINATED) => {
-                        tracing::debug!(
-                            band = lane.band.as_str(),
-                            reason = ?message.description,
-                            "pull ended early"
-                        );
-                        break;
-                    }
-                    Some(status) => {
-                        tracing::warn!(
-                            band = lane.band.as_str(),
-                            %status,
-                            reason = ?message.description,
-                            "unexpected status to a pull request"
-                        );
-                        break;
-                    }
-                }
-            }
-            Ok(())
-        };
-        let collected = tokio::time::timeout(SILENCE, collect).await;
-        match collected {
-            Ok(result) => {
-                // The server has finished with the request: the inbox can
-                // serve the next one.
-                pull.finished = result.is_ok();
-                result
-            }
-            // Silence: the band is saturated, or its consumer is gone (a
-            // 2.9 server ignores pulls for a missing consumer). `pull` is
-            // dropped on return and rescues whatever the parked request
-            // still brings.
-            Err(_) if out.len() > started => Ok(()),
-            Err(_) => self.explain_silence(lane).await,
+        if outstanding > 0 && free < TOP_UP_MIN {
+            return Ok(());
         }
+        let due = arrivals.take_due();
+        let Some((&first, rest)) = due.split_first() else {
+            return Ok(());
+        };
+        arrivals.mark(rest);
+        if let Err(e) = arrivals.pull(first, free).await {
+            arrivals.mark(&[first]);
+            return Err(PullError::Other(e));
+        }
+        Ok(())
+    }
+
+    /// What the open pulls' answers (or silence) say about the bands:
+    /// an error for a band whose consumer is gone.
+    async fn check_pulls(&self, arrivals: &Arrivals) -> Result<(), PullError> {
+        if let Some(band) = arrivals.take_missing().first() {
+            return Err(PullError::Missing(BrokerError::Unavailable(format!(
+                "the consumer of the {} band does not exist",
+                band.as_str()
+            ))));
+        }
+        for band in arrivals.take_silent(SILENCE) {
+            self.explain_silence(self.lane(band)).await?;
+        }
+        Ok(())
     }
 
     /// Tells a saturated band (fine: move on) from a missing consumer
@@ -343,22 +161,18 @@ impl JetStreamBroker {
         }
     }
 
-    /// [`Self::take_available`]; a missing consumer is recreated and the
-    /// error still goes back, so the caller backs off and tries again.
-    async fn pull_or_repair(
-        &self,
-        max: usize,
-        bands: impl Fn(PriorityBand) -> bool,
-    ) -> Result<Vec<Delivery>, BrokerError> {
-        match self.take_available(max, bands).await {
-            Ok(pulled) => Ok(pulled),
-            Err(PullError::Missing(e)) => {
+    /// A pull error for the caller; a missing consumer is recreated first,
+    /// and the error still goes back, so the caller backs off and tries
+    /// again.
+    async fn repair_after(&self, e: PullError) -> BrokerError {
+        match e {
+            PullError::Missing(e) => {
                 if let Err(repair) = self.repair(Instant::now()).await {
                     tracing::warn!(error = %repair, "cannot recreate JetStream resources");
                 }
-                Err(e)
+                e
             }
-            Err(PullError::Other(e)) => Err(e),
+            PullError::Other(e) => e,
         }
     }
 
@@ -403,33 +217,32 @@ impl TaskConsumer for JetStreamBroker {
             })
             .await?;
         loop {
-            // What the watches brought first: it is leased already.
-            let mut batch: Vec<Delivery> = arrivals
+            // What the watches and earlier pulls brought first: it is leased
+            // already.
+            let batch: Vec<Delivery> = arrivals
                 .take_held(max)
                 .into_iter()
                 .map(|(band, message)| self.delivery(message, band))
                 .collect();
-            let due = arrivals.take_due();
-            let room = max - batch.len();
-            if room == 0 {
-                arrivals.mark(&due);
-            } else if !due.is_empty() {
-                match self.pull_or_repair(room, |band| due.contains(&band)).await {
-                    Ok(pulled) => {
-                        if pulled.len() >= room {
-                            // A full batch may have left more behind.
-                            arrivals.mark(&due);
-                        }
-                        batch.extend(pulled);
-                    }
-                    Err(e) => {
-                        arrivals.mark(&due);
-                        if batch.is_empty() {
-                            return Err(e);
-                        }
-                        tracing::warn!(error = %e, "pull failed; handing out what the watches brought");
-                    }
+            // Checked first so an outage fails fast instead of after
+            // `SILENCE`. The server drops a lost connection's pulls.
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                arrivals.forget_pulls();
+                if batch.is_empty() {
+                    return Err(BrokerError::Unavailable("not connected to NATS".into()));
                 }
+                return Ok(batch);
+            }
+            let pulled = match self.check_pulls(arrivals).await {
+                Ok(()) => self.pull_due(arrivals, max - batch.len()).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = pulled {
+                let e = self.repair_after(e).await;
+                if batch.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "pull failed; handing out what came before");
             }
             if !batch.is_empty() {
                 // Bands this pass found empty are watched from now on, if
@@ -442,7 +255,7 @@ impl TaskConsumer for JetStreamBroker {
                 }
                 return Ok(batch);
             }
-            arrivals.wait().await;
+            arrivals.wait(SILENCE).await;
         }
     }
 
