@@ -84,8 +84,10 @@ pub(crate) async fn process(rt: &Runtime, msg: TaskMessage, payload: Bytes, acke
         every: Duration::from_millis(rt.settings.worker.cancel_check_ms.max(1)),
         stop: stop.clone(),
     };
+    // Boxed: the attempt's future is large, and `keep` would otherwise
+    // carry (and move) it by value.
     let kind = lease::keep(
-        run_and_record(rt, &msg, &payload, attempt, &stop),
+        Box::pin(run_and_record(rt, &msg, &payload, attempt, &stop)),
         acker.as_ref(),
         lease_every,
         watch,
