@@ -26,12 +26,15 @@
 //! [`TaskConsumer::next_batch`]: crate::broker::TaskConsumer::next_batch
 //! [`DeadLetterStore`]: crate::broker::DeadLetterStore
 
+mod acks;
 mod arrivals;
 mod consume;
 mod dead_letter;
 pub mod definitions;
 mod publish;
 mod setup;
+#[cfg(test)]
+mod test_queue;
 
 use std::time::{Duration, Instant};
 
@@ -79,6 +82,9 @@ pub struct JetStreamBroker {
     /// Which bands may hold work; started by the first pull, so a broker
     /// that only publishes (the intake) never watches arrivals.
     arrivals: tokio::sync::OnceCell<std::sync::Arc<arrivals::Arrivals>>,
+    /// Sends the plain acks of the deliveries it hands out; started with
+    /// the first of them.
+    acks: std::sync::OnceLock<acks::AckSender>,
 }
 
 /// Why a publish was not confirmed.
@@ -148,6 +154,7 @@ impl JetStreamBroker {
             definitions,
             last_repair: tokio::sync::Mutex::new(None),
             arrivals: tokio::sync::OnceCell::new(),
+            acks: std::sync::OnceLock::new(),
         })
     }
 

@@ -640,98 +640,31 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use async_nats::jetstream::{consumer, stream};
-    use claudecluster_testkit::services;
-
+    use super::super::test_queue::Queue;
     use super::*;
 
     /// A short hold, so the hand-back test is quick.
     const HOLD: Duration = Duration::from_millis(300);
 
-    /// A work-queue stream with one pull consumer, named uniquely.
-    struct Queue {
-        js: jetstream::Context,
-        client: async_nats::Client,
-        name: String,
-        consumer: PullConsumer,
+    /// Starts watching the test queue's consumer as the normal band.
+    async fn arrivals(queue: &Queue) -> Arc<Arrivals> {
+        arrivals_with(queue, WATCH_EXPIRES, HOLD).await
     }
 
-    impl Queue {
-        async fn new() -> Self {
-            Self::with_limits(512, -1).await
-        }
-
-        /// At most `max_waiting` pulls parked on the consumer.
-        async fn with_max_waiting(max_waiting: i64) -> Self {
-            Self::with_limits(max_waiting, -1).await
-        }
-
-        /// At most `max_waiting` pulls parked on the consumer, and at most
-        /// `max_ack_pending` messages out (-1: no limit).
-        async fn with_limits(max_waiting: i64, max_ack_pending: i64) -> Self {
-            let client = async_nats::connect(services::nats_url()).await.unwrap();
-            let js = jetstream::new(client.clone());
-            let name = services::unique("CCARRIVALS").replace(['.', '-', ':'], "_");
-            let stream = js
-                .create_stream(stream::Config {
-                    name: name.clone(),
-                    subjects: vec![format!("{name}.tasks")],
-                    retention: stream::RetentionPolicy::WorkQueue,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let consumer = stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some("workers".into()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    max_waiting,
-                    max_ack_pending,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            Self {
-                js,
-                client,
-                name,
-                consumer,
-            }
-        }
-
-        async fn publish(&self, body: &'static str) {
-            self.js
-                .publish(format!("{}.tasks", self.name), body.into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-
-        async fn arrivals(&self) -> Arc<Arrivals> {
-            self.arrivals_with(WATCH_EXPIRES, HOLD).await
-        }
-
-        async fn arrivals_with(&self, watch_expires: Duration, hold: Duration) -> Arc<Arrivals> {
-            Arrivals::start_with(
-                &self.client,
-                self.js.clone(),
-                vec![(PriorityBand::Normal, self.consumer.clone())],
-                watch_expires,
-                hold,
-            )
-            .await
-            .unwrap()
-        }
-
-        /// Pull requests parked on the consumer.
-        async fn parked(&mut self) -> usize {
-            self.consumer.info().await.unwrap().num_waiting
-        }
-
-        async fn delete(self) {
-            self.js.delete_stream(&self.name).await.unwrap();
-        }
+    async fn arrivals_with(
+        queue: &Queue,
+        watch_expires: Duration,
+        hold: Duration,
+    ) -> Arc<Arrivals> {
+        Arrivals::start_with(
+            &queue.client,
+            queue.js.clone(),
+            vec![(PriorityBand::Normal, queue.consumer.clone())],
+            watch_expires,
+            hold,
+        )
+        .await
+        .unwrap()
     }
 
     async fn ack(queue: &Queue, held: Vec<(PriorityBand, async_nats::Message)>) {
@@ -757,7 +690,7 @@ mod tests {
     #[tokio::test]
     async fn a_watch_brings_the_next_message_and_says_when_more_wait() {
         let mut queue = Queue::new().await;
-        let arrivals = queue.arrivals().await;
+        let arrivals = arrivals(&queue).await;
         let normal = [PriorityBand::Normal];
 
         assert_eq!(arrivals.take_due(), normal, "every band starts dirty");
@@ -811,7 +744,7 @@ mod tests {
     #[tokio::test]
     async fn a_pull_counts_until_answered_and_its_end_says_the_band_is_empty() {
         let queue = Queue::new().await;
-        let arrivals = queue.arrivals().await;
+        let arrivals = arrivals(&queue).await;
         let normal = [PriorityBand::Normal];
         for body in ["a", "b", "c", "d", "e"] {
             queue.publish(body).await;
@@ -847,7 +780,7 @@ mod tests {
     async fn an_unanswered_pull_is_forgotten_and_what_it_brings_later_is_held() {
         // One message out at a time: a second pull is parked, unanswered.
         let queue = Queue::with_limits(512, 1).await;
-        let arrivals = queue.arrivals().await;
+        let arrivals = arrivals(&queue).await;
         queue.publish("first").await;
         queue.publish("second").await;
         arrivals.take_due();
@@ -880,7 +813,7 @@ mod tests {
     #[tokio::test]
     async fn a_delivery_nobody_takes_goes_back_to_the_queue() {
         let mut queue = Queue::new().await;
-        let arrivals = queue.arrivals().await;
+        let arrivals = arrivals(&queue).await;
         arrivals.take_due();
         arrivals.watch_idle().await.unwrap();
         queue.client.flush().await.unwrap();
@@ -909,7 +842,7 @@ mod tests {
     #[tokio::test]
     async fn dirty_bands_are_not_watched() {
         let mut queue = Queue::new().await;
-        let arrivals = queue.arrivals().await;
+        let arrivals = arrivals(&queue).await;
         // Still dirty: pulled on the next pass, so no watch.
         arrivals.watch_idle().await.unwrap();
         queue.client.flush().await.unwrap();
@@ -924,7 +857,7 @@ mod tests {
     #[tokio::test]
     async fn an_expired_watch_wakes_the_worker_to_park_another() {
         let mut queue = Queue::new().await;
-        let arrivals = queue.arrivals_with(Duration::from_millis(300), HOLD).await;
+        let arrivals = arrivals_with(&queue, Duration::from_millis(300), HOLD).await;
         arrivals.take_due();
         // The watch expires: its end wakes the worker (only the watch inbox
         // notifies), and the next wait parks a new one.
@@ -945,7 +878,7 @@ mod tests {
     async fn a_refused_watch_is_not_parked_again_at_once() {
         // Room for one waiting pull on the consumer, taken by another worker.
         let mut queue = Queue::with_max_waiting(1).await;
-        let other = queue.arrivals().await;
+        let other = arrivals(&queue).await;
         other.take_due();
         other.watch_idle().await.unwrap();
         queue.client.flush().await.unwrap();
@@ -953,7 +886,7 @@ mod tests {
 
         // This worker's watch is refused: the band is pulled (it may be the
         // consumer that is gone), and not watched again within the pause.
-        let arrivals = queue.arrivals().await;
+        let arrivals = arrivals(&queue).await;
         arrivals.take_due();
         arrivals.watch_idle().await.unwrap();
         reported(&arrivals).await;

@@ -23,12 +23,14 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::Subject;
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind as JsAckKind};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tracing::instrument;
 
+use super::acks::AckSender;
 use super::arrivals::Arrivals;
 use super::{JetStreamBroker, Lane, unavailable};
 use crate::broker::{AckKind, Acker, BrokerError, Delivery, PriorityBand, TaskConsumer};
@@ -66,7 +68,12 @@ impl From<PullError> for BrokerError {
 }
 
 /// Acknowledges one JetStream delivery.
-struct JetStreamAcker(jetstream::message::Acker);
+struct JetStreamAcker {
+    acker: jetstream::message::Acker,
+    /// Where plain acks go ([`AckSender`]), with the delivery's reply
+    /// subject; `None` for a message without one.
+    plain: Option<(AckSender, Subject)>,
+}
 
 #[async_trait]
 impl Acker for JetStreamAcker {
@@ -77,12 +84,15 @@ impl Acker for JetStreamAcker {
             // answers with "already final", never a second run. Waiting for
             // the server's confirmation would hold the task's permit for
             // another round trip on every task.
+            AckKind::Ack => match &self.plain {
+                Some((sender, reply)) if sender.ack(reply.clone()).is_ok() => Ok(()),
+                _ => self.acker.ack_with(JsAckKind::Ack).await,
+            },
             // Terms stay confirmed: they are rare, and a lost one would put
             // a second copy of a poison message on the dead-letter stream.
-            AckKind::Ack => self.0.ack_with(JsAckKind::Ack).await,
-            AckKind::Term => self.0.double_ack_with(JsAckKind::Term).await,
-            AckKind::Nak(delay) => self.0.ack_with(JsAckKind::Nak(delay)).await,
-            AckKind::Progress => self.0.ack_with(JsAckKind::Progress).await,
+            AckKind::Term => self.acker.double_ack_with(JsAckKind::Term).await,
+            AckKind::Nak(delay) => self.acker.ack_with(JsAckKind::Nak(delay)).await,
+            AckKind::Progress => self.acker.ack_with(JsAckKind::Progress).await,
         };
         result.map_err(|e| unavailable("acknowledgement not delivered", e))
     }
@@ -187,12 +197,18 @@ impl JetStreamBroker {
             .info()
             .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX))
             .unwrap_or(1);
+        let plain = message.reply.clone().map(|reply| {
+            let sender = self
+                .acks
+                .get_or_init(|| AckSender::start(self.client.clone()));
+            (sender.clone(), reply)
+        });
         let (message, acker) = message.split();
         Delivery {
             payload: message.payload,
             delivery_count,
             band,
-            acker: Box::new(JetStreamAcker(acker)),
+            acker: Box::new(JetStreamAcker { acker, plain }),
         }
     }
 }
