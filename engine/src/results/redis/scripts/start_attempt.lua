@@ -14,6 +14,10 @@
 -- create it from (the caller then calls again with the message); an error
 -- reply for a task whose writes failed.
 local prefix, ttl, cutoff, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- The attempt's JSON is spliced, not encoded, when the worker id needs no
+-- escaping (always, for ids the workers make): cjson costs more than the
+-- HSET. The timestamp is RFC 3339 and needs none either.
+local splice = not string.find(worker, '[%c"\\]')
 
 local function start(h, id, at, message, created)
   local cur = redis.call('HMGET', h, 'state', 'created_ms', 'attempts')
@@ -36,19 +40,19 @@ local function start(h, id, at, message, created)
   -- Counted here rather than with HINCRBY: the script runs atomically, and one
   -- call fewer matters on a path every task takes.
   local n = (tonumber(attempts) or 0) + 1
-  -- The attempt's JSON is spliced, not encoded, when the worker id needs no
-  -- escaping (always, for ids the workers make): cjson costs more than the
-  -- HSET. The timestamp is RFC 3339 and needs none either.
   local attempt
-  if string.find(worker, '[%c"\\]') then
-    attempt = cjson.encode({number = n, worker_id = worker, started_at = at})
-  else
+  if splice then
     attempt = '{"number":' .. n .. ',"worker_id":"' .. worker .. '","started_at":"' .. at .. '"}'
+  else
+    attempt = cjson.encode({number = n, worker_id = worker, started_at = at})
   end
   redis.call('HSET', h, 'state', 'running', 'attempts', n, 'worker_id', worker,
     'started_at', at, 'updated_at', at, 'attempt:' .. n, attempt)
   redis.call('EXPIRE', h, ttl)
-  index_move(prefix, id, score, cutoff, state or nil, 'running')
+  -- Only a state with an index of its own leaves one ('running' has none).
+  if state and state ~= 'queued' then
+    index_move(prefix, id, score, cutoff, state, 'running')
+  end
   publish(prefix, id, 'running')
   return {1, n}
 end
