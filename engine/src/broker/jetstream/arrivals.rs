@@ -456,7 +456,7 @@ impl Arrivals {
                 let mut state = lock(&b.state);
                 let current = state
                     .parked
-                    .is_some_and(|(n, _)| message.subject.as_str() == format!("{}.{n}", b.prefix));
+                    .is_some_and(|(n, _)| reply_number(&b.prefix, &message.subject) == Some(n));
                 if !current {
                     return; // the end of a watch already given up
                 }
@@ -501,12 +501,7 @@ impl Arrivals {
             }
             Some(StatusCode::IDLE_HEARTBEAT) => {}
             Some(status) => {
-                let n = message
-                    .subject
-                    .as_str()
-                    .strip_prefix(b.pull_prefix.as_str())
-                    .and_then(|rest| rest.strip_prefix('.'))
-                    .and_then(|n| n.parse::<u64>().ok());
+                let n = reply_number(&b.pull_prefix, &message.subject);
                 let mut state = lock(&b.state);
                 let Some(n) = n.filter(|n| state.pulls.iter().any(|p| p.n == *n)) else {
                     return; // the end of a pull already finished or forgotten
@@ -587,6 +582,17 @@ impl Arrivals {
             }
         }
     }
+}
+
+/// The `n` of a reply subject `<prefix>.<n>`: which watch or pull a
+/// status answers.
+fn reply_number(prefix: &str, subject: &async_nats::Subject) -> Option<u64> {
+    subject
+        .as_str()
+        .strip_prefix(prefix)?
+        .strip_prefix('.')?
+        .parse()
+        .ok()
 }
 
 /// Which of a band's two inboxes a reader serves.
