@@ -49,10 +49,7 @@ local function start(h, id, at, message, created)
   redis.call('HSET', h, 'state', 'running', 'attempts', n, 'worker_id', worker,
     'started_at', at, 'updated_at', at, 'attempt:' .. n, attempt)
   redis.call('EXPIRE', h, ttl)
-  -- Only a state with an index of its own leaves one ('running' has none).
-  if state and state ~= 'queued' then
-    index_move(prefix, id, score, cutoff, state, 'running')
-  end
+  index_move(prefix, id, score, cutoff, state or nil, 'running')
   publish(prefix, id, 'running')
   return {1, n}
 end
