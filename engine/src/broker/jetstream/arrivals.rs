@@ -14,11 +14,17 @@
 //! - A delivery is *held* for the next [`Arrivals::take_held`] and wakes the
 //!   waiting worker. When the delivery says more messages are pending, the
 //!   band is marked dirty, so the next pass pulls the rest in one batch.
-//! - The server answers a band's pulls in order, so each delivery to the
-//!   pull inbox counts toward the oldest open pull, and a pull's end (`404`
-//!   or `408` once the band runs dry, a status for a gone consumer) ends
-//!   every older one too. [`Arrivals::outstanding`] is what open pulls may
-//!   still bring, which the worker does not pull again.
+//! - A band has at most one pull open, and each delivery to its pull inbox
+//!   counts toward it until it has what it asked for or the server ends it
+//!   (`404` or `408` once the band runs dry, a status for a gone consumer).
+//!   One at a time because a delivery does not say which pull it answers
+//!   (its subject is the task's), and a server may serve two open pulls of
+//!   one consumer in turns (NATS 2.9 does): counting each delivery toward
+//!   the older pull then closes it early and leaves the newer one open in
+//!   the worker's books after the server has finished it, which stalled
+//!   the worker until [`Arrivals::take_silent`] gave up on it.
+//!   [`Arrivals::outstanding`] is what open pulls may still bring, which
+//!   the worker does not pull again.
 //! - The server ends an unfulfilled watch after [`WATCH_EXPIRES`] with a
 //!   status; the worker is woken to park a new one.
 //! - A watch the server refuses (the consumer's `max_waiting` is reached)
@@ -112,11 +118,10 @@ struct BandState {
     held: VecDeque<(Instant, async_nats::Message)>,
     /// The number of the last pull sent.
     pulls_sent: u64,
-    /// Pulls sent and not finished, oldest first. The server answers a
-    /// band's pulls in the order they came, so each delivery counts toward
-    /// the oldest, and the end of one ends every older one too.
-    pulls: VecDeque<OpenPull>,
-    /// When the oldest open pull was sent or last heard from.
+    /// The pull sent and not finished: every delivery to the pull inbox
+    /// counts toward it.
+    pull: Option<OpenPull>,
+    /// When the open pull was sent or last heard from.
     heard: Option<Instant>,
     /// The server said nobody serves the band's consumer.
     missing: bool,
@@ -290,7 +295,7 @@ impl Arrivals {
                 }
                 // A band with a pull still coming in is not known to be
                 // empty: the pull's end tells.
-                if !state.pulls.is_empty() {
+                if state.pull.is_some() {
                     continue;
                 }
                 state.sent += 1;
@@ -321,30 +326,32 @@ impl Arrivals {
         let mut deadline = *lock(&self.next_full_pass);
         for b in &self.bands {
             let state = lock(&b.state);
-            if let Some(heard) = state.heard.filter(|_| !state.pulls.is_empty()) {
+            if let Some(heard) = state.heard.filter(|_| state.pull.is_some()) {
                 deadline = deadline.min(heard + silence);
             }
         }
         let _ = tokio::time::timeout_at(deadline, self.notify.notified()).await;
     }
 
-    /// Sends a no-wait pull of up to `want` messages on `band`. Its
-    /// deliveries are held like a watch's, as they come.
+    /// Sends a no-wait pull of up to `want` messages on `band`, unless the
+    /// band has a pull open already: then nothing is sent, and `false` says
+    /// so. Its deliveries are held like a watch's, as they come.
     ///
     /// # Errors
     /// When the request cannot be sent.
-    pub(super) async fn pull(&self, band: PriorityBand, want: usize) -> Result<(), BrokerError> {
+    pub(super) async fn pull(&self, band: PriorityBand, want: usize) -> Result<bool, BrokerError> {
         let Some(b) = self.bands.iter().find(|b| b.band == band) else {
-            return Ok(());
+            return Ok(false);
         };
         let (n, reply) = {
             let mut state = lock(&b.state);
+            if state.pull.is_some() {
+                return Ok(false);
+            }
             state.pulls_sent += 1;
             let n = state.pulls_sent;
-            if state.pulls.is_empty() {
-                state.heard = Some(Instant::now());
-            }
-            state.pulls.push_back(OpenPull { n, want, got: 0 });
+            state.heard = Some(Instant::now());
+            state.pull = Some(OpenPull { n, want, got: 0 });
             (n, format!("{}.{n}", b.pull_prefix))
         };
         let request = BatchConfig {
@@ -353,23 +360,20 @@ impl Arrivals {
             ..BatchConfig::default()
         };
         if let Err(e) = b.consumer.request_batch(request, reply.into()).await {
-            lock(&b.state).pulls.retain(|p| p.n != n);
+            let mut state = lock(&b.state);
+            if state.pull.is_some_and(|p| p.n == n) {
+                state.pull = None;
+            }
             return Err(unavailable("cannot send a pull request", e));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Messages that open pulls may still bring, over every band.
     pub(super) fn outstanding(&self) -> usize {
         self.bands
             .iter()
-            .map(|b| {
-                lock(&b.state)
-                    .pulls
-                    .iter()
-                    .map(|p| p.want - p.got)
-                    .sum::<usize>()
-            })
+            .filter_map(|b| lock(&b.state).pull.map(|p| p.want - p.got))
             .sum()
     }
 
@@ -377,7 +381,7 @@ impl Arrivals {
     /// a lost connection's pulls).
     pub(super) fn forget_pulls(&self) {
         for b in &self.bands {
-            lock(&b.state).pulls.clear();
+            lock(&b.state).pull = None;
         }
     }
 
@@ -390,21 +394,22 @@ impl Arrivals {
             .collect()
     }
 
-    /// The bands whose open pulls the server has not answered for
+    /// The bands whose open pull the server has not answered for
     /// `silence`. Those pulls are forgotten: what they still bring is held
-    /// like any other delivery, and the band is pulled afresh when due.
+    /// like any other delivery (and counts toward the band's next pull),
+    /// and the band is pulled afresh when due.
     pub(super) fn take_silent(&self, silence: Duration) -> Vec<PriorityBand> {
         let now = Instant::now();
         self.bands
             .iter()
             .filter(|b| {
                 let mut state = lock(&b.state);
-                let silent = !state.pulls.is_empty()
+                let silent = state.pull.is_some()
                     && state
                         .heard
                         .is_some_and(|heard| now.duration_since(heard) >= silence);
                 if silent {
-                    state.pulls.clear();
+                    state.pull = None;
                 }
                 silent
             })
@@ -490,10 +495,10 @@ impl Arrivals {
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.hold(b, message, |state, now| {
-                    if let Some(oldest) = state.pulls.front_mut() {
-                        oldest.got += 1;
-                        if oldest.got >= oldest.want {
-                            state.pulls.pop_front();
+                    if let Some(pull) = &mut state.pull {
+                        pull.got += 1;
+                        if pull.got >= pull.want {
+                            state.pull = None;
                         }
                         state.heard = Some(now);
                     }
@@ -503,23 +508,16 @@ impl Arrivals {
             Some(status) => {
                 let n = reply_number(&b.pull_prefix, &message.subject);
                 let mut state = lock(&b.state);
-                let Some(n) = n.filter(|n| state.pulls.iter().any(|p| p.n == *n)) else {
+                if state.pull.is_none_or(|p| Some(p.n) != n) {
                     return; // the end of a pull already finished or forgotten
-                };
-                while let Some(pull) = state.pulls.pop_front() {
-                    if pull.n == n {
-                        break;
-                    }
                 }
+                state.pull = None;
                 state.heard = Some(Instant::now());
                 match status {
-                    // No (more) messages. The band was empty after every
-                    // delivery of the pulls before, whatever they said was
-                    // pending.
+                    // No (more) messages. The band was empty after the
+                    // pull's last delivery, whatever it said was pending.
                     StatusCode::NOT_FOUND | StatusCode::TIMEOUT => {
-                        if state.pulls.is_empty() {
-                            b.dirty.store(false, Ordering::Release);
-                        }
+                        b.dirty.store(false, Ordering::Release);
                     }
                     // Nobody serves this consumer: it or its stream is gone.
                     StatusCode::NO_RESPONDERS => state.missing = true,
@@ -759,7 +757,7 @@ mod tests {
 
         // Counted from the moment it is sent, so the worker does not pull
         // the same room twice; each delivery counts toward it.
-        arrivals.pull(PriorityBand::Normal, 3).await.unwrap();
+        assert!(arrivals.pull(PriorityBand::Normal, 3).await.unwrap());
         assert_eq!(arrivals.outstanding(), 3);
         let first = held(&arrivals, 3).await;
         assert_eq!(bodies(&first), [b"a", b"b", b"c"]);
@@ -769,7 +767,7 @@ mod tests {
         // A pull for more than is left brings the rest, then ends with "no
         // messages": the band is known empty, though a delivery said more
         // were pending.
-        arrivals.pull(PriorityBand::Normal, 5).await.unwrap();
+        assert!(arrivals.pull(PriorityBand::Normal, 5).await.unwrap());
         let rest = held(&arrivals, 2).await;
         assert_eq!(bodies(&rest), [b"d", b"e"]);
         claudecluster_testkit::wait::eventually("the pull's end", || async {
@@ -783,6 +781,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_band_has_one_pull_open_at_a_time() {
+        // One message out at a time: the first pull gets one of its three
+        // and stays open.
+        let queue = Queue::with_limits(512, 1).await;
+        let arrivals = arrivals(&queue).await;
+        for body in ["a", "b", "c"] {
+            queue.publish(body).await;
+        }
+        arrivals.take_due();
+        assert!(arrivals.pull(PriorityBand::Normal, 3).await.unwrap());
+        let first = held(&arrivals, 1).await;
+        assert_eq!(arrivals.outstanding(), 2);
+
+        // A second pull would be served in turns with the first, and the
+        // deliveries could not be told apart: it is not sent.
+        assert!(!arrivals.pull(PriorityBand::Normal, 3).await.unwrap());
+        assert_eq!(arrivals.outstanding(), 2);
+
+        // The open pull brings the rest as room frees up, and is done.
+        ack(&queue, first).await;
+        let second = held(&arrivals, 1).await;
+        assert_eq!(bodies(&second), [b"b"]);
+        ack(&queue, second).await;
+        let third = held(&arrivals, 1).await;
+        assert_eq!(bodies(&third), [b"c"]);
+        assert_eq!(arrivals.outstanding(), 0);
+        assert!(arrivals.pull(PriorityBand::Normal, 3).await.unwrap());
+        ack(&queue, third).await;
+        queue.delete().await;
+    }
+
+    #[tokio::test]
     async fn an_unanswered_pull_is_forgotten_and_what_it_brings_later_is_held() {
         // One message out at a time: a second pull is parked, unanswered.
         let queue = Queue::with_limits(512, 1).await;
@@ -790,9 +820,9 @@ mod tests {
         queue.publish("first").await;
         queue.publish("second").await;
         arrivals.take_due();
-        arrivals.pull(PriorityBand::Normal, 1).await.unwrap();
+        assert!(arrivals.pull(PriorityBand::Normal, 1).await.unwrap());
         let first = held(&arrivals, 1).await;
-        arrivals.pull(PriorityBand::Normal, 1).await.unwrap();
+        assert!(arrivals.pull(PriorityBand::Normal, 1).await.unwrap());
         assert_eq!(arrivals.outstanding(), 1);
 
         // Silent past the limit: forgotten, so its room goes elsewhere.

@@ -12,10 +12,11 @@
 //!
 //! Pulls are answered into [`Arrivals`] too, and `next_batch` hands out
 //! what has come so far instead of waiting for a whole pull: a task starts
-//! as soon as its message is in, and as permits free up the worker sends
-//! the next pull while earlier ones are still arriving. A worker that
-//! waited for each pull to finish spent most of its time doing so, with
-//! permits free and work queued.
+//! as soon as its message is in. A worker that waited for each pull to
+//! finish spent most of its time doing so, with permits free and work
+//! queued. A band has one pull open at a time ([`Arrivals`] says why); the
+//! next goes out as soon as it ends, which a no-wait pull does within a
+//! round trip.
 //!
 //! Dropping a `next_batch` future (shutdown) loses nothing for good: what
 //! was pulled and not handed out is held, handed back after the hold time,
@@ -46,9 +47,9 @@ use crate::task::TaskId;
 /// bands, and whatever it brings later is held like any delivery.
 const SILENCE: Duration = Duration::from_secs(1);
 
-/// The fewest messages worth a pull of its own while earlier pulls are
-/// still coming in: each request costs the server about as much as a
-/// delivery, and the open pulls' deliveries bring the worker back soon.
+/// The fewest messages worth a pull of its own while another band's pull
+/// is still coming in: each request costs the server about as much as a
+/// delivery, and the open pull's deliveries bring the worker back soon.
 const TOP_UP_MIN: usize = 16;
 
 /// Why pulling failed.
@@ -103,7 +104,8 @@ impl JetStreamBroker {
     /// bring, to the first band that is due; the other due bands stay due,
     /// and are pulled once that pull comes back short. One band per pass
     /// keeps the order of the bands: a band is pulled only when every band
-    /// before it had less than the worker could take.
+    /// before it had less than the worker could take. So when the first
+    /// due band still has a pull open, nothing is sent: its end decides.
     async fn pull_due(&self, arrivals: &Arrivals, room: usize) -> Result<(), PullError> {
         let outstanding = arrivals.outstanding();
         let Some(free) = room.checked_sub(outstanding).filter(|free| *free > 0) else {
@@ -117,11 +119,17 @@ impl JetStreamBroker {
             return Ok(());
         };
         arrivals.mark(rest);
-        if let Err(e) = arrivals.pull(first, free).await {
-            arrivals.mark(&[first]);
-            return Err(PullError::Other(e));
+        match arrivals.pull(first, free).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                arrivals.mark(&[first]);
+                Ok(())
+            }
+            Err(e) => {
+                arrivals.mark(&[first]);
+                Err(PullError::Other(e))
+            }
         }
-        Ok(())
     }
 
     /// What the open pulls' answers (or silence) say about the bands:
