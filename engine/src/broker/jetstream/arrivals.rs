@@ -20,9 +20,9 @@
 //!   One at a time because a delivery does not say which pull it answers
 //!   (its subject is the task's), and a server may serve two open pulls of
 //!   one consumer in turns (NATS 2.9 does): counting each delivery toward
-//!   the older pull then closes it early and leaves the newer one open in
-//!   the worker's books after the server has finished it, which stalled
-//!   the worker until [`Arrivals::take_silent`] gave up on it.
+//!   the older pull would close it early and leave the newer one open in
+//!   the worker's books after the server had finished it, and the worker
+//!   would pull nothing more until [`Arrivals::take_silent`] gave up on it.
 //!   [`Arrivals::outstanding`] is what open pulls may still bring, which
 //!   the worker does not pull again.
 //! - The server ends an unfulfilled watch after [`WATCH_EXPIRES`] with a
