@@ -217,19 +217,22 @@ impl JetStreamBroker {
             })
     }
 
-    /// [`Self::send_confirmed`], recreating a missing stream and trying
-    /// once more.
+    /// [`Self::send_confirmed`] of what `outbound` builds, recreating a
+    /// missing stream and trying once more. The message is built again for
+    /// the second try rather than kept: copying its headers for a try that
+    /// almost never comes cost every publish.
     async fn publish_repairing(
         &self,
-        subject: String,
-        message: PublishMessage,
+        outbound: impl Fn() -> Result<(String, PublishMessage), BrokerError>,
     ) -> Result<PublishAck, BrokerError> {
-        match self.send_confirmed(subject.clone(), message.clone()).await {
+        let (subject, message) = outbound()?;
+        match self.send_confirmed(subject, message).await {
             // Boxed: the repair future is large, and every publish of a
             // batch would otherwise carry (and move) room for it.
             Err(PublishFailure::NoStream) => {
                 Box::pin(async {
                     self.repair(Instant::now()).await?;
+                    let (subject, message) = outbound()?;
                     Ok(self.send_confirmed(subject, message).await?)
                 })
                 .await

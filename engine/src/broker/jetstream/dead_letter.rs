@@ -55,7 +55,9 @@ impl JetStreamBroker {
         let message = PublishMessage::build()
             .payload(payload.clone())
             .headers(headers);
-        self.publish_repairing(subject, message).await.map(drop)
+        self.publish_repairing(|| Ok((subject.clone(), message.clone())))
+            .await
+            .map(drop)
     }
 }
 

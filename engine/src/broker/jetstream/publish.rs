@@ -58,8 +58,9 @@ impl JetStreamBroker {
         msg: &TaskMessage,
         message_id: Option<&str>,
     ) -> Result<(), BrokerError> {
-        let (subject, message) = self.outbound(msg, message_id)?;
-        let ack = self.publish_repairing(subject, message).await?;
+        let ack = self
+            .publish_repairing(|| self.outbound(msg, message_id))
+            .await?;
         if ack.duplicate {
             tracing::debug!(task_id = %msg.id, "publish was a duplicate; stored once");
         }
