@@ -121,8 +121,6 @@ struct BandState {
     /// The pull sent and not finished: every delivery to the pull inbox
     /// counts toward it.
     pull: Option<OpenPull>,
-    /// When the open pull was sent or last heard from.
-    heard: Option<Instant>,
     /// The server said nobody serves the band's consumer.
     missing: bool,
 }
@@ -133,6 +131,8 @@ struct OpenPull {
     n: u64,
     want: usize,
     got: usize,
+    /// When it was sent or last brought a message.
+    heard: Instant,
 }
 
 /// The watches of one broker's bands, and the deliveries they brought.
@@ -326,8 +326,8 @@ impl Arrivals {
         let mut deadline = *lock(&self.next_full_pass);
         for b in &self.bands {
             let state = lock(&b.state);
-            if let Some(heard) = state.heard.filter(|_| state.pull.is_some()) {
-                deadline = deadline.min(heard + silence);
+            if let Some(pull) = state.pull {
+                deadline = deadline.min(pull.heard + silence);
             }
         }
         let _ = tokio::time::timeout_at(deadline, self.notify.notified()).await;
@@ -350,8 +350,12 @@ impl Arrivals {
             }
             state.pulls_sent += 1;
             let n = state.pulls_sent;
-            state.heard = Some(Instant::now());
-            state.pull = Some(OpenPull { n, want, got: 0 });
+            state.pull = Some(OpenPull {
+                n,
+                want,
+                got: 0,
+                heard: Instant::now(),
+            });
             (n, format!("{}.{n}", b.pull_prefix))
         };
         let request = BatchConfig {
@@ -404,10 +408,9 @@ impl Arrivals {
             .iter()
             .filter(|b| {
                 let mut state = lock(&b.state);
-                let silent = state.pull.is_some()
-                    && state
-                        .heard
-                        .is_some_and(|heard| now.duration_since(heard) >= silence);
+                let silent = state
+                    .pull
+                    .is_some_and(|pull| now.duration_since(pull.heard) >= silence);
                 if silent {
                     state.pull = None;
                 }
@@ -497,10 +500,10 @@ impl Arrivals {
                 self.hold(b, message, |state, now| {
                     if let Some(pull) = &mut state.pull {
                         pull.got += 1;
+                        pull.heard = now;
                         if pull.got >= pull.want {
                             state.pull = None;
                         }
-                        state.heard = Some(now);
                     }
                 });
             }
@@ -512,7 +515,6 @@ impl Arrivals {
                     return; // the end of a pull already finished or forgotten
                 }
                 state.pull = None;
-                state.heard = Some(Instant::now());
                 match status {
                     // No (more) messages. The band was empty after the
                     // pull's last delivery, whatever it said was pending.

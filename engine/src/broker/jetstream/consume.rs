@@ -119,17 +119,12 @@ impl JetStreamBroker {
             return Ok(());
         };
         arrivals.mark(rest);
-        match arrivals.pull(first, free).await {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                arrivals.mark(&[first]);
-                Ok(())
-            }
-            Err(e) => {
-                arrivals.mark(&[first]);
-                Err(PullError::Other(e))
-            }
+        let sent = arrivals.pull(first, free).await;
+        if !matches!(sent, Ok(true)) {
+            // Still open, or not sent: the band stays due.
+            arrivals.mark(&[first]);
         }
+        sent.map(drop).map_err(PullError::Other)
     }
 
     /// What the open pulls' answers (or silence) say about the bands:
