@@ -41,16 +41,22 @@ pub async fn cleanup(settings: &Settings) {
 }
 
 /// [`cleanup`] from synchronous code such as a `Drop` impl inside a test's
-/// runtime: it runs on a thread of its own, with a runtime of its own, and
-/// waits for it.
+/// runtime.
 pub fn cleanup_blocking(settings: &Settings) {
     let settings = settings.clone();
+    block_on_own_thread(async move { cleanup(&settings).await });
+}
+
+/// Runs `work` on a thread of its own, with a runtime of its own, and waits
+/// for it: async cleanup from a `Drop` impl inside a test's runtime, where
+/// blocking on that runtime is not allowed.
+pub fn block_on_own_thread(work: impl Future<Output = ()> + Send + 'static) {
     let worker = std::thread::spawn(move || {
         match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
-            Ok(runtime) => runtime.block_on(cleanup(&settings)),
+            Ok(runtime) => runtime.block_on(work),
             Err(e) => eprintln!("test cleanup: cannot start a runtime: {e}"),
         }
     });

@@ -97,6 +97,5 @@ mod tests {
             (queue.stored().await == 0).then_some(())
         })
         .await;
-        queue.delete().await;
     }
 }

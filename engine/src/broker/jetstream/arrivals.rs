@@ -728,7 +728,6 @@ mod tests {
         assert_eq!(held[0].1.payload.as_ref(), b"second");
         assert_eq!(arrivals.take_due(), normal);
         ack(&queue, held).await;
-        queue.delete().await;
     }
 
     /// Takes held deliveries until there are `n`.
@@ -779,7 +778,6 @@ mod tests {
         assert!(arrivals.take_due().is_empty());
         ack(&queue, first).await;
         ack(&queue, rest).await;
-        queue.delete().await;
     }
 
     #[tokio::test]
@@ -811,7 +809,6 @@ mod tests {
         assert_eq!(arrivals.outstanding(), 0);
         assert!(arrivals.pull(PriorityBand::Normal, 3).await.unwrap());
         ack(&queue, third).await;
-        queue.delete().await;
     }
 
     #[tokio::test]
@@ -845,7 +842,6 @@ mod tests {
         };
         assert_eq!(info.info().unwrap().delivered, 1);
         ack(&queue, second).await;
-        queue.delete().await;
     }
 
     #[tokio::test]
@@ -874,7 +870,6 @@ mod tests {
         message.ack().await.unwrap();
         assert!(arrivals.take_held(8).is_empty(), "handed back, not held");
         assert_eq!(queue.parked().await, 0);
-        queue.delete().await;
     }
 
     #[tokio::test]
@@ -889,7 +884,6 @@ mod tests {
         arrivals.watch_idle().await.unwrap();
         queue.client.flush().await.unwrap();
         assert_eq!(queue.parked().await, 1);
-        queue.delete().await;
     }
 
     #[tokio::test]
@@ -909,7 +903,6 @@ mod tests {
         queue.publish("late").await;
         reported(&arrivals).await;
         ack(&queue, arrivals.take_held(1)).await;
-        queue.delete().await;
     }
 
     #[tokio::test]
@@ -935,6 +928,5 @@ mod tests {
             "parked again at once"
         );
         drop(other);
-        queue.delete().await;
     }
 }

@@ -1,8 +1,10 @@
 //! A work-queue stream with one pull consumer on the shared NATS, for the
-//! tests of the worker's side of the broker.
+//! tests of the worker's side of the broker; deleted when dropped.
 
 use async_nats::jetstream::{self, consumer, consumer::PullConsumer, stream};
 use claudecluster_testkit::services;
+
+use crate::backend::testing;
 
 /// A work-queue stream with one pull consumer, named uniquely.
 pub(super) struct Queue {
@@ -81,8 +83,21 @@ impl Queue {
             .state
             .messages
     }
+}
 
-    pub(super) async fn delete(self) {
-        self.js.delete_stream(&self.name).await.unwrap();
+/// The stream goes with the queue, also when a test fails.
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        testing::block_on_own_thread(async move {
+            let deleted = async {
+                let client = async_nats::connect(services::nats_url()).await?;
+                jetstream::new(client).delete_stream(&name).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            if let Err(e) = deleted.await {
+                eprintln!("test cleanup: cannot delete stream {name}: {e}");
+            }
+        });
     }
 }
