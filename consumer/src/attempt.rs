@@ -3,6 +3,14 @@
 //! its outcome means (done, retry, dead letter, cancelled, hand back), write
 //! that to the store, and only then acknowledge.
 //!
+//! A first delivery's start is not written before it runs: the worker reads
+//! the record (is the task still queued?) and writes the start and the end
+//! together when the attempt ends, or the start alone once the attempt has
+//! run for `record_start_after_ms`. Most short tasks so cost the store one
+//! write instead of two. Redeliveries are started in the store before they
+//! run, so a task that kills its worker leaves started attempts behind for
+//! the crash count.
+//!
 //! The order matters for "nothing lost": a record is written before the
 //! message is acknowledged, and a dead letter before the record says
 //! `dead_lettered`. When a write fails after retries the delivery is handed
@@ -12,9 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use claudecluster_engine::broker::{AckKind, Acker};
-use claudecluster_engine::results::{AttemptEnd, EndOutcome, StartOutcome};
+use claudecluster_engine::results::{AttemptEnd, EndOutcome, StartOutcome, StoreError};
 use claudecluster_engine::task::{TaskError, TaskMessage, TaskResult, TaskState};
 
 use crate::delivery::ack;
@@ -28,6 +36,10 @@ use crate::workdir;
 /// Error code of an attempt handed back because its worker shut down; such
 /// attempts do not count against `max_attempts`.
 pub const HANDED_BACK: &str = "worker_shutdown";
+
+/// Error code of an attempt that a later delivery found unrecorded: its
+/// worker stopped before recording it. Counts as a crash.
+pub const LOST: &str = "worker_lost";
 
 /// Error code of an attempt stopped because a client cancelled the task.
 pub const CANCELLED: &str = "cancelled";
@@ -56,16 +68,28 @@ enum Decision {
     HandBack,
 }
 
+/// Whether an attempt's start is in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Recorded: the record says `running` for this attempt.
+    Recorded,
+    /// Not yet: the attempt began at this time, and is recorded as a whole
+    /// when it ends, unless it runs for `record_start_after_ms` first.
+    Deferred(DateTime<Utc>),
+}
+
 /// Runs a decoded, valid task message through one attempt.
-pub(crate) async fn process(rt: &Runtime, msg: TaskMessage, payload: Bytes, acker: Arc<dyn Acker>) {
-    let started = retry("starting the attempt", || {
-        rt.store.start_attempt(&msg, &rt.worker_id, Utc::now())
-    })
-    .await;
-    let attempt = match started {
-        Ok(StartOutcome::Started { attempt }) => attempt,
-        Ok(StartOutcome::AlreadyFinal(state)) => {
-            tracing::debug!(%state, "task already final; acknowledging the redelivery");
+pub(crate) async fn process(
+    rt: &Runtime,
+    msg: TaskMessage,
+    payload: Bytes,
+    acker: Arc<dyn Acker>,
+    delivery_count: u32,
+) {
+    let (attempt, start) = match begin(rt, &msg, delivery_count).await {
+        Ok(Begun::Run { attempt, start }) => (attempt, start),
+        Ok(Begun::AlreadyFinal(state)) => {
+            tracing::debug!(%state, "task already final; acknowledging the delivery");
             ack(acker.as_ref(), AckKind::Ack).await;
             return;
         }
@@ -87,7 +111,7 @@ pub(crate) async fn process(rt: &Runtime, msg: TaskMessage, payload: Bytes, acke
     // Boxed: the attempt's future is large, and `keep` would otherwise
     // carry (and move) it by value.
     let kind = lease::keep(
-        Box::pin(run_and_record(rt, &msg, &payload, attempt, &stop)),
+        Box::pin(run_and_record(rt, &msg, &payload, attempt, start, &stop)),
         acker.as_ref(),
         lease_every,
         watch,
@@ -96,13 +120,83 @@ pub(crate) async fn process(rt: &Runtime, msg: TaskMessage, payload: Bytes, acke
     ack(acker.as_ref(), kind).await;
 }
 
+/// What [`begin`] found.
+enum Begun {
+    /// Run attempt `attempt`.
+    Run { attempt: u32, start: Start },
+    /// The task is final (cancelled while queued, or a redelivery of a
+    /// finished task): do not run it.
+    AlreadyFinal(TaskState),
+}
+
+/// Decides whether the task runs, and as which attempt. A first delivery of
+/// a task that never ran only has its record read: its start is recorded
+/// with its end, in one write, if it ends soon enough ([`Start::Deferred`]).
+/// Anything else is recorded as started before it runs, so that a task which
+/// crashes its worker leaves a started attempt behind.
+async fn begin(rt: &Runtime, msg: &TaskMessage, delivery_count: u32) -> Result<Begun, StoreError> {
+    if rt.settings.worker.record_start_after_ms > 0 {
+        match rt.store.peek(msg.id).await {
+            Ok(Some((TaskState::Queued, 0))) if delivery_count == 1 => {
+                return Ok(Begun::Run {
+                    attempt: 1,
+                    start: Start::Deferred(Utc::now()),
+                });
+            }
+            Ok(Some((TaskState::Queued, 0))) => record_lost_delivery(rt, msg).await,
+            Ok(Some((state, _))) if state.is_final() => return Ok(Begun::AlreadyFinal(state)),
+            // No record yet (published straight onto the queue), a replay,
+            // or a failed read: the start write below handles all of them.
+            Ok(_) | Err(_) => {}
+        }
+    }
+    let started = retry("starting the attempt", || {
+        rt.store.start_attempt(msg, &rt.worker_id, Utc::now())
+    })
+    .await?;
+    Ok(match started {
+        StartOutcome::Started { attempt } => Begun::Run {
+            attempt,
+            start: Start::Recorded,
+        },
+        StartOutcome::AlreadyFinal(state) => Begun::AlreadyFinal(state),
+    })
+}
+
+/// A redelivery of a task that has never recorded an attempt: the delivery
+/// before it ran without a recorded start and its worker stopped before the
+/// end (it crashed, most likely because of the task), or could not reach
+/// the store at all. It is recorded as an attempt ended with [`LOST`], which
+/// counts as a crash when deciding whether the task kills its workers.
+async fn record_lost_delivery(rt: &Runtime, msg: &TaskMessage) {
+    let now = Utc::now();
+    let end = AttemptEnd {
+        state: TaskState::Queued,
+        result: None,
+        error: Some(TaskError::new(
+            LOST,
+            "an earlier delivery of this task ended without a record of its attempt: \
+             its worker stopped (or lost the store) before recording it",
+        )),
+        at: now,
+    };
+    if let Err(e) = rt
+        .store
+        .record_unstarted_attempt(msg, "unknown", now, &end)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record the lost delivery");
+    }
+}
+
 /// Runs the attempt (or quarantines it), records the outcome and returns
 /// the acknowledgement to send.
 async fn run_and_record(
     rt: &Runtime,
     msg: &TaskMessage,
     payload: &Bytes,
-    attempt: u32,
+    mut attempt: u32,
+    mut start: Start,
     stop: &Stop,
 ) -> AckKind {
     let began = Instant::now();
@@ -124,10 +218,59 @@ async fn run_and_record(
             dead_letter: Some(("attempts_exhausted".into(), reason)),
         }
     } else {
-        let outcome = run(rt, msg, attempt, stop).await;
+        let outcome = run_recording_start(rt, msg, &mut attempt, &mut start, stop).await;
         decide(rt, msg, attempt, outcome, stop).await
     };
-    record(rt, msg, payload, attempt, decision, began.elapsed()).await
+    record(rt, msg, payload, attempt, start, decision, began.elapsed()).await
+}
+
+/// Runs the attempt. A deferred start is recorded once the attempt has run
+/// for `record_start_after_ms`, while it goes on; `attempt` and `start`
+/// then say what was recorded. A start that cannot be recorded stays
+/// deferred: the end records the whole attempt.
+async fn run_recording_start(
+    rt: &Runtime,
+    msg: &TaskMessage,
+    attempt: &mut u32,
+    start: &mut Start,
+    stop: &Stop,
+) -> Result<TaskResult, ExecError> {
+    let Start::Deferred(at) = *start else {
+        return run(rt, msg, *attempt, stop).await;
+    };
+    let running = run(rt, msg, *attempt, stop);
+    tokio::pin!(running);
+    let long = Duration::from_millis(rt.settings.worker.record_start_after_ms);
+    tokio::select! {
+        biased;
+        outcome = &mut running => return outcome,
+        () = tokio::time::sleep(long) => {}
+    }
+    let recording = retry("starting the attempt", || {
+        rt.store.start_attempt(msg, &rt.worker_id, at)
+    });
+    let (outcome, recorded) = tokio::join!(&mut running, recording);
+    match recorded {
+        Ok(StartOutcome::Started { attempt: number }) => {
+            if number != *attempt {
+                tracing::warn!(
+                    number,
+                    "another delivery of the task started meanwhile; recording this as attempt {number}"
+                );
+                *attempt = number;
+            }
+            *start = Start::Recorded;
+        }
+        // Cancelled meanwhile: the cancel watch stops the attempt, and its
+        // end is recorded as a cancelled attempt.
+        Ok(StartOutcome::AlreadyFinal(state)) => {
+            tracing::debug!(%state, "task became final before its start was recorded");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the start; recording the attempt when it ends");
+        }
+    }
+    outcome
 }
 
 /// Runs the executor in a fresh work directory under the task's timeout,
@@ -281,6 +424,7 @@ async fn record(
     msg: &TaskMessage,
     payload: &Bytes,
     attempt: u32,
+    start: Start,
     decision: Decision,
     took: Duration,
 ) -> AckKind {
@@ -339,7 +483,7 @@ async fn record(
             // so the store answers "already final" and closes the attempt
             // without counting a duplicate execution. Either answer means
             // the message is done with.
-            return match write_end(rt, msg, attempt, &end).await {
+            return match write_end(rt, msg, attempt, start, &end).await {
                 Some(_) => {
                     tracing::info!("attempt stopped by a cancel");
                     rt.meters.outcome(Status::Final(TaskState::Cancelled), took);
@@ -360,7 +504,7 @@ async fn record(
                 at: Utc::now(),
             };
             // Not an outcome of the task: no tasks_total count.
-            return match write_end(rt, msg, attempt, &end).await {
+            return match write_end(rt, msg, attempt, start, &end).await {
                 Some(EndOutcome::Written) => AckKind::Nak(None),
                 // Cancelled meanwhile: nothing left to hand back.
                 Some(EndOutcome::AlreadyFinal(_)) => AckKind::Ack,
@@ -368,7 +512,7 @@ async fn record(
             };
         }
     };
-    match write_end(rt, msg, attempt, &end).await {
+    match write_end(rt, msg, attempt, start, &end).await {
         Some(EndOutcome::Written) => {
             tracing::info!(state = %end.state, "attempt recorded");
             rt.meters.outcome(status, took);
@@ -388,10 +532,14 @@ async fn write_end(
     rt: &Runtime,
     msg: &TaskMessage,
     attempt: u32,
+    start: Start,
     end: &AttemptEnd,
 ) -> Option<EndOutcome> {
-    match retry("recording the attempt", || {
-        rt.store.end_attempt(msg.id, attempt, end)
+    match retry("recording the attempt", || match start {
+        Start::Recorded => rt.store.end_attempt(msg.id, attempt, end),
+        Start::Deferred(at) => rt
+            .store
+            .record_unstarted_attempt(msg, &rt.worker_id, at, end),
     })
     .await
     {
@@ -422,7 +570,7 @@ async fn attempts_left(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> bool {
 }
 
 /// For an attempt number beyond `max_attempts`: how many earlier attempts
-/// crashed (started, never ended), when the ones that count exceed the
+/// crashed (started and never ended, or lost), when the ones that count exceed the
 /// limit; `None` when hand-backs explain the excess and the task may run.
 async fn crashed_attempts(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Option<u32> {
     let record = match rt.store.get(msg.id).await {
@@ -436,7 +584,9 @@ async fn crashed_attempts(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Opti
     if counted <= msg.max_attempts as usize {
         return None;
     }
-    let crashed = earlier().filter(|a| a.outcome.is_none()).count();
+    let crashed = earlier()
+        .filter(|a| a.outcome.is_none() || a.error.as_ref().is_some_and(|e| e.code == LOST))
+        .count();
     Some(u32::try_from(crashed).unwrap_or(u32::MAX))
 }
 
@@ -452,7 +602,8 @@ mod tests {
     use claudecluster_engine::backend::Backends;
     use claudecluster_engine::broker::BrokerError;
     use claudecluster_engine::config::Settings;
-    use claudecluster_engine::task::NewTask;
+    use claudecluster_engine::task::{NewTask, TaskRecord};
+    use claudecluster_testkit::wait::eventually;
     use tokio::sync::Notify;
     use tokio_util::sync::CancellationToken;
 
@@ -505,11 +656,48 @@ mod tests {
         }
     }
 
+    /// Runs until released, for looking at the record mid-attempt.
+    #[derive(Default)]
+    struct Gate {
+        started: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl Executor for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+
+        fn needs_work_dir(&self) -> bool {
+            false
+        }
+
+        async fn run(&self, _: &TaskMessage, _: &ExecContext) -> Result<TaskResult, ExecError> {
+            self.started.notify_one();
+            self.release.notified().await;
+            Ok(TaskResult {
+                output: "released".into(),
+                ..TaskResult::default()
+            })
+        }
+    }
+
     /// A runtime on the embedded backends in `dir`.
-    fn runtime(dir: &std::path::Path, executor: Arc<UntilStopped>) -> (Runtime, Backends) {
+    fn runtime(dir: &std::path::Path, executor: Arc<dyn Executor>) -> (Runtime, Backends) {
+        runtime_with(dir, executor, |_| {})
+    }
+
+    /// [`runtime`] with settings changed by `adjust`.
+    fn runtime_with(
+        dir: &std::path::Path,
+        executor: Arc<dyn Executor>,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> (Runtime, Backends) {
         let mut settings = Settings::default();
         settings.embedded.data_dir = Some(dir.to_path_buf());
         settings.worker.cancel_check_ms = 20;
+        adjust(&mut settings);
         let backends = claudecluster_engine::embedded::open_embedded(&settings).unwrap();
         let rt = Runtime {
             settings: Arc::new(settings),
@@ -522,6 +710,37 @@ mod tests {
             meters: Meters::new("w1"),
         };
         (rt, backends)
+    }
+
+    /// A task message whose `queued` record is stored, as the intake leaves it.
+    async fn queued_message(rt: &Runtime, backends: &Backends) -> TaskMessage {
+        let msg = message(rt);
+        backends
+            .store
+            .create(&TaskRecord::queued(&msg, Utc::now()))
+            .await
+            .unwrap();
+        msg
+    }
+
+    /// Processes delivery `delivery` of `msg` on the gate, and returns the
+    /// record as it stood while the executor ran.
+    async fn process_gated(
+        rt: &Runtime,
+        backends: &Backends,
+        executor: &Gate,
+        msg: &TaskMessage,
+        acker: Arc<Recorder>,
+        delivery: u32,
+    ) -> TaskRecord {
+        let run = process(rt, msg.clone(), Bytes::new(), acker, delivery);
+        let look = async {
+            executor.started.notified().await;
+            let mid = backends.store.get(msg.id).await.unwrap().unwrap();
+            executor.release.notify_one();
+            mid
+        };
+        tokio::join!(run, look).1
     }
 
     fn message(rt: &Runtime) -> TaskMessage {
@@ -541,7 +760,7 @@ mod tests {
         let msg = message(&rt);
         let acker = Arc::new(Recorder::default());
 
-        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone());
+        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone(), 1);
         let cancel = async {
             executor.started.notified().await;
             backends.store.cancel(msg.id, Utc::now()).await.unwrap();
@@ -565,7 +784,7 @@ mod tests {
         let msg = message(&rt);
         let acker = Arc::new(Recorder::default());
 
-        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone());
+        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone(), 1);
         let abort = async {
             executor.started.notified().await;
             rt.abort.cancel();
@@ -579,5 +798,109 @@ mod tests {
             record.attempt_history[0].error.as_ref().unwrap().code,
             HANDED_BACK
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_first_attempt_is_recorded_once_when_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Arc::new(Gate::default());
+        let (rt, backends) = runtime_with(dir.path(), executor.clone(), |s| {
+            s.worker.record_start_after_ms = 60_000;
+        });
+        let msg = queued_message(&rt, &backends).await;
+        let acker = Arc::new(Recorder::default());
+
+        let mid = process_gated(&rt, &backends, &executor, &msg, acker.clone(), 1).await;
+
+        assert_eq!(mid.state, TaskState::Queued, "no start written yet");
+        assert_eq!(mid.attempts, 0);
+        assert_eq!(acker.settling(), [AckKind::Ack]);
+        let record = backends.store.get(msg.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Succeeded);
+        assert_eq!(record.result.unwrap().output, "released");
+        assert_eq!(record.attempts, 1);
+        assert_eq!(record.worker_id.as_deref(), Some("w1"));
+        let attempt = &record.attempt_history[0];
+        assert_eq!(attempt.outcome, Some(TaskState::Succeeded));
+        assert!(attempt.started_at <= attempt.finished_at.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_attempt_that_runs_long_is_recorded_as_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Arc::new(Gate::default());
+        let (rt, backends) = runtime_with(dir.path(), executor.clone(), |s| {
+            s.worker.record_start_after_ms = 30;
+        });
+        let msg = queued_message(&rt, &backends).await;
+        let acker = Arc::new(Recorder::default());
+
+        let run = process(&rt, msg.clone(), Bytes::new(), acker.clone(), 1);
+        let look = async {
+            executor.started.notified().await;
+            let running = eventually("the start is recorded", || async {
+                let record = backends.store.get(msg.id).await.unwrap().unwrap();
+                (record.state == TaskState::Running).then_some(record)
+            })
+            .await;
+            executor.release.notify_one();
+            running
+        };
+        let ((), running) = tokio::join!(run, look);
+
+        assert_eq!(running.attempts, 1);
+        assert_eq!(running.attempt_history[0].finished_at, None);
+        assert_eq!(acker.settling(), [AckKind::Ack]);
+        let record = backends.store.get(msg.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Succeeded);
+        assert_eq!(record.attempts, 1, "one attempt, started then ended");
+        assert_eq!(record.duplicate_executions, 0);
+        assert_eq!(record.attempt_history.len(), 1);
+        assert_eq!(
+            record.attempt_history[0].outcome,
+            Some(TaskState::Succeeded)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivery_records_the_lost_delivery_and_starts_before_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Arc::new(Gate::default());
+        let (rt, backends) = runtime_with(dir.path(), executor.clone(), |s| {
+            s.worker.record_start_after_ms = 60_000;
+        });
+        let msg = queued_message(&rt, &backends).await;
+        let acker = Arc::new(Recorder::default());
+
+        // Delivery 2 of a task with no attempt recorded: delivery 1 ran
+        // unrecorded and its worker died.
+        let mid = process_gated(&rt, &backends, &executor, &msg, acker.clone(), 2).await;
+
+        assert_eq!(mid.state, TaskState::Running, "started before it ran");
+        assert_eq!(mid.attempts, 2);
+        let lost = &mid.attempt_history[0];
+        assert_eq!(lost.error.as_ref().unwrap().code, LOST);
+        assert_eq!(lost.outcome, Some(TaskState::Queued));
+        assert_eq!(mid.attempt_history[1].finished_at, None);
+        let record = backends.store.get(msg.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Succeeded);
+        assert_eq!(record.attempts, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_delivery_of_a_cancelled_task_does_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Arc::new(Gate::default());
+        let (rt, backends) = runtime(dir.path(), executor.clone());
+        let msg = queued_message(&rt, &backends).await;
+        backends.store.cancel(msg.id, Utc::now()).await.unwrap();
+        let acker = Arc::new(Recorder::default());
+
+        process(&rt, msg.clone(), Bytes::new(), acker.clone(), 1).await;
+
+        assert_eq!(acker.settling(), [AckKind::Ack]);
+        let record = backends.store.get(msg.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Cancelled);
+        assert_eq!(record.attempts, 0, "never ran");
     }
 }

@@ -48,7 +48,7 @@ pub(crate) async fn handle(rt: &Runtime, delivery: Delivery) {
                 attempt = tracing::field::Empty,
                 delivery = delivery_count
             );
-            attempt::process(rt, msg, payload, acker.into())
+            attempt::process(rt, msg, payload, acker.into(), delivery_count)
                 .instrument(span)
                 .await;
         }

@@ -91,8 +91,10 @@ async fn cancelling_a_running_task_stops_its_processes(kind: BackendKind) {
     let task = cluster.submit_prompt("hang until cancelled").await;
     let id = task["id"].as_str().unwrap().to_owned();
     let pid = wait_for_pid(&pids).await;
-    let (_, running) = cluster.get(&id).await;
-    assert_eq!(running["state"], "running", "{running}");
+    // The start is recorded once the attempt has run for
+    // `record_start_after_ms`.
+    let running = wait_running(&cluster, &id).await;
+    assert_eq!(running["attempts"], 1, "{running}");
     assert!(process_alive(pid), "the task's process runs");
 
     let cancelled_at = Instant::now();
@@ -168,6 +170,21 @@ fn process_alive(pid: i32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
+    }
+}
+
+async fn wait_running(cluster: &TestCluster, id: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, record) = cluster.get(id).await;
+        if record["state"] == "running" {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task was never recorded as running: {record}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -154,6 +154,57 @@ fn start_op(
     save(t, &record, expires, StartOutcome::Started { attempt })
 }
 
+/// Records a whole attempt that was never recorded as started: a start and
+/// an end in one transaction, with the rules of
+/// [`ResultStore::record_unstarted_attempt`].
+fn unstarted_op(
+    t: &mut Tables<'_>,
+    msg: &TaskMessage,
+    worker_id: &str,
+    started_at: DateTime<Utc>,
+    end: &AttemptEnd,
+    now: u64,
+    expires: u64,
+) -> Result<Answer<EndOutcome>, redb::Error> {
+    let Some(mut record) = load_or_answer!(t, msg.id, now) else {
+        return Ok(Err(StoreError::Other(format!(
+            "task {} has no record (expired or removed)",
+            msg.id
+        ))));
+    };
+    match record.state {
+        // Cancelled while this attempt ran: the execution is recorded,
+        // closed as cancelled, rather than counted as a duplicate.
+        TaskState::Cancelled => {
+            record.attempts += 1;
+            record.attempt_history.push(Attempt {
+                number: record.attempts,
+                worker_id: worker_id.to_owned(),
+                started_at,
+                finished_at: Some(end.at),
+                outcome: Some(TaskState::Cancelled),
+                error: end.error.clone(),
+            });
+            record.updated_at = end.at;
+            save(
+                t,
+                &record,
+                expires,
+                EndOutcome::AlreadyFinal(TaskState::Cancelled),
+            )
+        }
+        state if state.is_final() => {
+            record.duplicate_executions += 1;
+            save(t, &record, expires, EndOutcome::AlreadyFinal(state))
+        }
+        _ => match start_op(t, msg, worker_id, started_at, now, expires)? {
+            Ok(StartOutcome::Started { attempt }) => end_op(t, msg.id, attempt, end, now, expires),
+            Ok(StartOutcome::AlreadyFinal(state)) => Ok(Ok(EndOutcome::AlreadyFinal(state))),
+            Err(e) => Ok(Err(e)),
+        },
+    }
+}
+
 /// Records the end of attempt `attempt`.
 fn end_op(
     t: &mut Tables<'_>,
@@ -373,6 +424,23 @@ impl ResultStore for EmbeddedStore {
         let end = end.clone();
         self.transition(move |t, now, expires| end_op(t, id, attempt, &end, now, expires))
             .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id, state = %end.state))]
+    async fn record_unstarted_attempt(
+        &self,
+        msg: &TaskMessage,
+        worker_id: &str,
+        started_at: DateTime<Utc>,
+        end: &AttemptEnd,
+    ) -> Result<EndOutcome, StoreError> {
+        let msg = msg.clone();
+        let worker_id = worker_id.to_owned();
+        let end = end.clone();
+        self.transition(move |t, now, expires| {
+            unstarted_op(t, &msg, &worker_id, started_at, &end, now, expires)
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]

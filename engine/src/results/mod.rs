@@ -164,6 +164,46 @@ pub trait ResultStore: Send + Sync + 'static {
         Ok(self.get(id).await?.map(|record| record.state))
     }
 
+    /// A task's state and how many attempts it has had, without changing
+    /// anything: what a worker checks before running a first delivery whose
+    /// start it records later ([`Self::record_unstarted_attempt`]). `None`
+    /// when there is no record.
+    ///
+    /// # Errors
+    /// When the store is unreachable or the record unreadable.
+    async fn peek(&self, id: TaskId) -> Result<Option<(TaskState, u32)>, StoreError> {
+        Ok(self
+            .get(id)
+            .await?
+            .map(|record| (record.state, record.attempts)))
+    }
+
+    /// Records a whole attempt that was not recorded as started: it began
+    /// at `started_at` on `worker_id` and ended as `end` says. One write for
+    /// what [`Self::start_attempt`] and [`Self::end_attempt`] do in two: the
+    /// attempt gets the next number, the record goes through `running` (its
+    /// event is published) to `end.state`. When the task became final
+    /// meanwhile, the answer is [`EndOutcome::AlreadyFinal`]; a task
+    /// cancelled meanwhile has the execution recorded as an attempt closed
+    /// as `cancelled`, another final state counts it as a duplicate.
+    ///
+    /// The default starts and ends the attempt in two writes.
+    ///
+    /// # Errors
+    /// When the store is unreachable or the record is gone.
+    async fn record_unstarted_attempt(
+        &self,
+        msg: &TaskMessage,
+        worker_id: &str,
+        started_at: DateTime<Utc>,
+        end: &AttemptEnd,
+    ) -> Result<EndOutcome, StoreError> {
+        match self.start_attempt(msg, worker_id, started_at).await? {
+            StartOutcome::Started { attempt } => self.end_attempt(msg.id, attempt, end).await,
+            StartOutcome::AlreadyFinal(state) => Ok(EndOutcome::AlreadyFinal(state)),
+        }
+    }
+
     /// Marks the task `running` on `worker_id` and records a new attempt.
     /// Creates the record from the message when there is none (a message
     /// published straight onto the queue by another system).

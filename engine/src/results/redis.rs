@@ -573,21 +573,11 @@ impl ResultStore for RedisStore {
         attempt: u32,
         end: &AttemptEnd,
     ) -> Result<EndOutcome, StoreError> {
-        if end.state == TaskState::Running {
-            return Err(StoreError::Other(
-                "an attempt ends in queued (retry) or a final state, not running".into(),
-            ));
-        }
-        let result = end.result.as_ref().map(record::to_json).transpose()?;
-        let error = end.error.as_ref().map(record::to_json).transpose()?;
-        let args = vec![
+        let mut args = vec![
             id.to_string().into_bytes(),
             attempt.to_string().into_bytes(),
-            end.state.as_str().as_bytes().to_vec(),
-            record::timestamp(end.at).into_bytes(),
-            result.unwrap_or_default().into_bytes(),
-            error.unwrap_or_default().into_bytes(),
         ];
+        args.extend(end_args(end)?);
         let value = self
             .calls
             .row(
@@ -597,25 +587,53 @@ impl ResultStore for RedisStore {
                 args,
             )
             .await?;
-        let (code, mut rest) = reply::coded("end_attempt", value)?;
-        match code {
-            1 => Ok(EndOutcome::Written),
-            0 => {
-                let state = rest
-                    .next()
-                    .ok_or_else(|| StoreError::Other("short reply to end_attempt".into()))?;
-                let state = reply::text("end_attempt", state)?;
-                TaskState::parse(&state)
-                    .map(EndOutcome::AlreadyFinal)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        id: id.to_string(),
-                        reason: format!("unknown state {state:?}"),
-                    })
-            }
-            _ => Err(StoreError::Other(format!(
-                "task {id} has no record (expired or removed)"
-            ))),
-        }
+        end_outcome(id, "end_attempt", value)
+    }
+
+    async fn peek(&self, id: TaskId) -> Result<Option<(TaskState, u32)>, StoreError> {
+        let mut conn = self.conn();
+        let (state, attempts): (Option<String>, Option<u32>) = ::redis::cmd("HMGET")
+            .arg(self.keys.task(id))
+            .arg("state")
+            .arg("attempts")
+            .query_async(&mut conn)
+            .await
+            .map_err(reply::redis_error)?;
+        let Some(state) = state else {
+            return Ok(None);
+        };
+        let state = TaskState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+            id: id.to_string(),
+            reason: format!("unknown state {state:?}"),
+        })?;
+        Ok(Some((state, attempts.unwrap_or(0))))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task_id = %msg.id, state = %end.state))]
+    async fn record_unstarted_attempt(
+        &self,
+        msg: &TaskMessage,
+        worker_id: &str,
+        started_at: DateTime<Utc>,
+        end: &AttemptEnd,
+    ) -> Result<EndOutcome, StoreError> {
+        let mut args = vec![
+            msg.id.to_string().into_bytes(),
+            record::timestamp(started_at).into_bytes(),
+        ];
+        args.extend(end_args(end)?);
+        let mut shared = self.shared_args();
+        shared.push(worker_id.as_bytes().to_vec());
+        let value = self
+            .calls
+            .row(
+                &scripts().record_unstarted_attempt,
+                shared,
+                self.keys.task(msg.id),
+                args,
+            )
+            .await?;
+        end_outcome(msg.id, "record_unstarted_attempt", value)
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
@@ -768,5 +786,47 @@ impl ResultStore for RedisStore {
             .await
             .map(drop)
             .map_err(reply::redis_error)
+    }
+}
+
+/// The last four row arguments of a script that ends an attempt: the new
+/// state, the end time, the result JSON and the error JSON ('' for none).
+fn end_args(end: &AttemptEnd) -> Result<[Vec<u8>; 4], StoreError> {
+    if end.state == TaskState::Running {
+        return Err(StoreError::Other(
+            "an attempt ends in queued (retry) or a final state, not running".into(),
+        ));
+    }
+    let result = end.result.as_ref().map(record::to_json).transpose()?;
+    let error = end.error.as_ref().map(record::to_json).transpose()?;
+    Ok([
+        end.state.as_str().as_bytes().to_vec(),
+        record::timestamp(end.at).into_bytes(),
+        result.unwrap_or_default().into_bytes(),
+        error.unwrap_or_default().into_bytes(),
+    ])
+}
+
+/// The answer of a script that ends an attempt (`end_attempt.lua`,
+/// `record_unstarted_attempt.lua`): `{1}`, `{0, state}` or `{-1}`.
+fn end_outcome(id: TaskId, script: &str, value: Value) -> Result<EndOutcome, StoreError> {
+    let (code, mut rest) = reply::coded(script, value)?;
+    match code {
+        1 => Ok(EndOutcome::Written),
+        0 => {
+            let state = rest
+                .next()
+                .ok_or_else(|| StoreError::Other(format!("short reply to {script}")))?;
+            let state = reply::text(script, state)?;
+            TaskState::parse(&state)
+                .map(EndOutcome::AlreadyFinal)
+                .ok_or_else(|| StoreError::Corrupt {
+                    id: id.to_string(),
+                    reason: format!("unknown state {state:?}"),
+                })
+        }
+        _ => Err(StoreError::Other(format!(
+            "task {id} has no record (expired or removed)"
+        ))),
     }
 }

@@ -318,6 +318,44 @@ async fn transitions_publish_events() {
     assert_eq!(states, ["queued", "running"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstarted_attempt_publishes_running_then_its_end() {
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let store = RedisStore::connect(&services::redis_url(), &settings.redis)
+        .await
+        .unwrap();
+    let r = record();
+    store.create(&r).await.unwrap();
+    let client = redis::Client::open(services::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}events:{}", settings.redis.key_prefix, r.id))
+        .await
+        .unwrap();
+    let end = claudecluster_engine::results::AttemptEnd {
+        state: TaskState::Succeeded,
+        result: None,
+        error: None,
+        at: Utc::now(),
+    };
+    store
+        .record_unstarted_attempt(&r.to_message(), "w1", Utc::now(), &end)
+        .await
+        .unwrap();
+    let mut events = pubsub.on_message();
+    let mut states = Vec::new();
+    for _ in 0..2 {
+        let msg = crate::harness::within("an event", futures::StreamExt::next(&mut events))
+            .await
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+        states.push(payload["state"].as_str().unwrap().to_owned());
+    }
+    drop(events);
+    assert_eq!(states, ["running", "succeeded"]);
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_is_unavailable() {
     let settings = networked_settings();

@@ -176,6 +176,128 @@ pub async fn end_after_final_counts_a_duplicate(b: &Backends) {
     assert_eq!(kept.attempts, 1);
 }
 
+pub async fn unstarted_attempts_are_recorded_whole(b: &Backends) {
+    assert_eq!(
+        b.store.peek(message(5).id).await.unwrap(),
+        None,
+        "no record"
+    );
+    let r = record();
+    let msg = r.to_message();
+    b.store.create(&r).await.unwrap();
+    assert_eq!(
+        b.store.peek(r.id).await.unwrap(),
+        Some((TaskState::Queued, 0))
+    );
+
+    // A first attempt that failed and goes back to the queue.
+    let started = Utc::now();
+    let failure = TaskError::new("nonzero_exit", "exit 1 \"quoted\" / é");
+    let retry = end(TaskState::Queued, None, Some(failure.clone()));
+    assert_eq!(
+        b.store
+            .record_unstarted_attempt(&msg, "w1", started, &retry)
+            .await
+            .unwrap(),
+        EndOutcome::Written
+    );
+    let queued = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(queued.state, TaskState::Queued);
+    assert_eq!(queued.attempts, 1);
+    assert_eq!(queued.worker_id.as_deref(), Some("w1"));
+    assert_eq!(queued.started_at, Some(started));
+    assert_eq!(queued.error.as_ref(), Some(&failure));
+    assert_eq!(queued.finished_at, None, "a retry is not a finish");
+    assert_eq!(queued.queued_at, Some(retry.at));
+    let first = &queued.attempt_history[0];
+    assert_eq!(first.number, 1);
+    assert_eq!(first.worker_id, "w1");
+    assert_eq!(first.started_at, started);
+    assert_eq!(first.finished_at, Some(retry.at));
+    assert_eq!(first.outcome, Some(TaskState::Queued));
+    assert_eq!(first.error.as_ref(), Some(&failure));
+    assert_eq!(
+        b.store.peek(r.id).await.unwrap(),
+        Some((TaskState::Queued, 1))
+    );
+
+    // The next one succeeds, on a worker whose id JSON must escape (the
+    // script's slow path); the error of the first is cleared.
+    let odd_worker = "w2 \"odd\" \\ id\t";
+    let done = end(TaskState::Succeeded, Some(result("hello")), None);
+    assert_eq!(
+        b.store
+            .record_unstarted_attempt(&msg, odd_worker, Utc::now(), &done)
+            .await
+            .unwrap(),
+        EndOutcome::Written
+    );
+    let finished = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(finished.state, TaskState::Succeeded);
+    assert_eq!(finished.result, Some(result("hello")));
+    assert_eq!(finished.error, None);
+    assert_eq!(finished.finished_at, Some(done.at));
+    assert_eq!(finished.attempts, 2);
+    assert_eq!(finished.worker_id.as_deref(), Some(odd_worker));
+    let second = &finished.attempt_history[1];
+    assert_eq!((second.number, second.worker_id.as_str()), (2, odd_worker));
+    assert_eq!(second.outcome, Some(TaskState::Succeeded));
+    assert_eq!(second.error, None);
+
+    // Once final, another execution is a duplicate and changes nothing else.
+    let late = end(TaskState::Failed, None, Some(TaskError::new("x", "y")));
+    assert_eq!(
+        b.store
+            .record_unstarted_attempt(&msg, "w3", Utc::now(), &late)
+            .await
+            .unwrap(),
+        EndOutcome::AlreadyFinal(TaskState::Succeeded)
+    );
+    let kept = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(kept.result, Some(result("hello")));
+    assert_eq!(kept.attempts, 2);
+    assert_eq!(kept.duplicate_executions, 1);
+
+    // A record that is gone is an error, not a silent write.
+    let ghost = message(5);
+    assert!(
+        b.store
+            .record_unstarted_attempt(&ghost, "w1", Utc::now(), &done)
+            .await
+            .is_err()
+    );
+    assert_eq!(b.store.get(ghost.id).await.unwrap(), None, "not created");
+}
+
+pub async fn an_unstarted_attempt_of_a_cancelled_task_is_closed_as_cancelled(b: &Backends) {
+    let r = record();
+    let msg = r.to_message();
+    b.store.create(&r).await.unwrap();
+    let started = Utc::now();
+    b.store.cancel(r.id, Utc::now()).await.unwrap();
+    let stopped = end(
+        TaskState::Cancelled,
+        None,
+        Some(TaskError::new("cancelled", "stopped")),
+    );
+    assert_eq!(
+        b.store
+            .record_unstarted_attempt(&msg, "w1", started, &stopped)
+            .await
+            .unwrap(),
+        EndOutcome::AlreadyFinal(TaskState::Cancelled)
+    );
+    let record = b.store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Cancelled);
+    assert_eq!(record.duplicate_executions, 0, "not a second execution");
+    assert_eq!(record.attempts, 1);
+    let attempt = &record.attempt_history[0];
+    assert_eq!(attempt.started_at, started);
+    assert_eq!(attempt.finished_at, Some(stopped.at));
+    assert_eq!(attempt.outcome, Some(TaskState::Cancelled));
+    assert_eq!(attempt.error.as_ref().unwrap().code, "cancelled");
+}
+
 pub async fn start_attempt_creates_a_missing_record(b: &Backends) {
     let msg = message(7);
     let outcome = b.store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();

@@ -14,6 +14,7 @@ pub(super) struct Scripts {
     pub create: Script,
     pub start_attempt: Script,
     pub end_attempt: Script,
+    pub record_unstarted_attempt: Script,
     pub cancel: Script,
     pub reopen: Script,
     pub remove: Script,
@@ -36,6 +37,9 @@ impl Scripts {
             create: with_prelude(include_str!("scripts/create.lua")),
             start_attempt: with_prelude(include_str!("scripts/start_attempt.lua")),
             end_attempt: with_prelude(include_str!("scripts/end_attempt.lua")),
+            record_unstarted_attempt: with_prelude(include_str!(
+                "scripts/record_unstarted_attempt.lua"
+            )),
             cancel: with_prelude(include_str!("scripts/cancel.lua")),
             reopen: with_prelude(include_str!("scripts/reopen.lua")),
             remove: Script::new(include_str!("scripts/remove.lua")),

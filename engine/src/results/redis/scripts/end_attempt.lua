@@ -77,34 +77,8 @@ local function finish(h, id, n, new, at, result, err)
     closed = cjson.encode(attempt)
   end
 
-  -- One HSET and at most one HDEL (only of fields that exist) for the whole
-  -- update.
-  local set = {'state', new, 'updated_at', at, field, closed}
-  local del = {}
-  if result ~= '' then
-    set[#set + 1] = 'result'; set[#set + 1] = result
-  elseif cur[6] then
-    del[#del + 1] = 'result'
-  end
-  if err ~= '' then
-    set[#set + 1] = 'error'; set[#set + 1] = err
-  elseif cur[7] then
-    del[#del + 1] = 'error'
-  end
-  if is_final(new) then
-    set[#set + 1] = 'finished_at'; set[#set + 1] = at
-  else
-    -- Back on the queue for a retry.
-    set[#set + 1] = 'queued_at'; set[#set + 1] = at
-    if cur[8] then
-      del[#del + 1] = 'finished_at'
-    end
-  end
-  redis.call('HSET', h, unpack(set))
-  if #del > 0 then
-    redis.call('HDEL', h, unpack(del))
-  end
-  redis.call('EXPIRE', h, ttl)
+  write_end(h, ttl, {'state', new, 'updated_at', at, field, closed}, new, at, result, err,
+    cur[6], cur[7], cur[8])
   index_move(prefix, id, score, cutoff, state, new)
   publish(prefix, id, new)
   return {1}

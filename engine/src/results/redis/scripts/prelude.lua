@@ -60,6 +60,38 @@ local function publish(prefix, id, state)
   redis.call('PUBLISH', prefix .. 'events:' .. id, '{"id":"' .. id .. '","state":"' .. state .. '"}')
 end
 
+-- Writes how an attempt ended: `set` (the fields the caller sets) plus the
+-- outcome's result, error and finish (or requeue) time, in one HSET, and at
+-- most one HDEL of the stale ones the record has (`had_result`,
+-- `had_error`, `had_finished`: what the caller's HMGET found). Then the TTL.
+local function write_end(h, ttl, set, new, at, result, err, had_result, had_error, had_finished)
+  local del = {}
+  if result ~= '' then
+    set[#set + 1] = 'result'; set[#set + 1] = result
+  elseif had_result then
+    del[#del + 1] = 'result'
+  end
+  if err ~= '' then
+    set[#set + 1] = 'error'; set[#set + 1] = err
+  elseif had_error then
+    del[#del + 1] = 'error'
+  end
+  if is_final(new) then
+    set[#set + 1] = 'finished_at'; set[#set + 1] = at
+  else
+    -- Back on the queue for a retry.
+    set[#set + 1] = 'queued_at'; set[#set + 1] = at
+    if had_finished then
+      del[#del + 1] = 'finished_at'
+    end
+  end
+  redis.call('HSET', h, unpack(set))
+  if #del > 0 then
+    redis.call('HDEL', h, unpack(del))
+  end
+  redis.call('EXPIRE', h, ttl)
+end
+
 -- Runs `fn` once per task of a call that carries many (`coalesce.rs`):
 -- with KEYS[k] and the `width` arguments of row k, which follow the
 -- `shared` arguments every row uses. A row whose writes fail gets an error
