@@ -172,19 +172,30 @@ fn unstarted_op(
             msg.id
         ))));
     };
-    match record.state {
+    // The latest attempt is this very execution when its worker and start
+    // time match (a call made again, or a start written after all).
+    let mine = record
+        .attempt_history
+        .last()
+        .filter(|a| a.worker_id == worker_id && a.started_at == started_at)
+        .map(|a| a.number);
+    match (record.state, mine) {
         // Cancelled while this attempt ran: the execution is recorded,
         // closed as cancelled, rather than counted as a duplicate.
-        TaskState::Cancelled => {
-            record.attempts += 1;
-            record.attempt_history.push(Attempt {
-                number: record.attempts,
+        (TaskState::Cancelled, _) => {
+            let closed = Attempt {
+                number: mine.unwrap_or(record.attempts + 1),
                 worker_id: worker_id.to_owned(),
                 started_at,
                 finished_at: Some(end.at),
                 outcome: Some(TaskState::Cancelled),
                 error: end.error.clone(),
-            });
+            };
+            if mine.is_some() {
+                record.attempt_history.pop();
+            }
+            record.attempts = closed.number;
+            record.attempt_history.push(closed);
             record.updated_at = end.at;
             save(
                 t,
@@ -193,11 +204,13 @@ fn unstarted_op(
                 EndOutcome::AlreadyFinal(TaskState::Cancelled),
             )
         }
-        state if state.is_final() => {
+        (state, Some(_)) if state.is_final() => Ok(Ok(EndOutcome::AlreadyFinal(state))),
+        (state, None) if state.is_final() => {
             record.duplicate_executions += 1;
             save(t, &record, expires, EndOutcome::AlreadyFinal(state))
         }
-        _ => match start_op(t, msg, worker_id, started_at, now, expires)? {
+        (_, Some(attempt)) => end_op(t, msg.id, attempt, end, now, expires),
+        (_, None) => match start_op(t, msg, worker_id, started_at, now, expires)? {
             Ok(StartOutcome::Started { attempt }) => end_op(t, msg.id, attempt, end, now, expires),
             Ok(StartOutcome::AlreadyFinal(state)) => Ok(Ok(EndOutcome::AlreadyFinal(state))),
             Err(e) => Ok(Err(e)),

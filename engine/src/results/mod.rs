@@ -185,7 +185,10 @@ pub trait ResultStore: Send + Sync + 'static {
     /// event is published) to `end.state`. When the task became final
     /// meanwhile, the answer is [`EndOutcome::AlreadyFinal`]; a task
     /// cancelled meanwhile has the execution recorded as an attempt closed
-    /// as `cancelled`, another final state counts it as a duplicate.
+    /// as `cancelled`, another final state counts it as a duplicate. When the
+    /// latest attempt has this worker and start time (the call made again
+    /// after a lost reply, or a start written after all), that attempt is
+    /// written, not a new one.
     ///
     /// The default starts and ends the attempt in two writes.
     ///

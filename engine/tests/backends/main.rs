@@ -38,6 +38,7 @@ macro_rules! with_cases {
             store::end_after_final_counts_a_duplicate,
             store::unstarted_attempts_are_recorded_whole,
             store::an_unstarted_attempt_of_a_cancelled_task_is_closed_as_cancelled,
+            store::an_unstarted_attempt_sent_again_is_recorded_once,
             store::start_attempt_creates_a_missing_record,
             store::cancel_only_moves_unfinished_tasks,
             store::remove_releases_the_idempotency_key,

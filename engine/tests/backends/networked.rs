@@ -333,7 +333,7 @@ async fn an_unstarted_attempt_publishes_running_then_its_end() {
         .subscribe(format!("{}events:{}", settings.redis.key_prefix, r.id))
         .await
         .unwrap();
-    let end = claudecluster_engine::results::AttemptEnd {
+    let end = AttemptEnd {
         state: TaskState::Succeeded,
         result: None,
         error: None,

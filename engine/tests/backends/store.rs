@@ -298,6 +298,64 @@ pub async fn an_unstarted_attempt_of_a_cancelled_task_is_closed_as_cancelled(b: 
     assert_eq!(attempt.error.as_ref().unwrap().code, "cancelled");
 }
 
+pub async fn an_unstarted_attempt_sent_again_is_recorded_once(b: &Backends) {
+    let store = &b.store;
+    let end = |state| end(state, None, None);
+
+    // A retry outcome written twice (the first reply lost): one attempt.
+    let r = record();
+    store.create(&r).await.unwrap();
+    let started = Utc::now();
+    for _ in 0..2 {
+        store
+            .record_unstarted_attempt(&r.to_message(), "w1", started, &end(TaskState::Queued))
+            .await
+            .unwrap();
+    }
+    let again = store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(again.attempts, 1);
+    assert_eq!(again.attempt_history.len(), 1);
+    // A final outcome written twice: no duplicate counted.
+    let done = end(TaskState::Succeeded);
+    let first = store
+        .record_unstarted_attempt(&r.to_message(), "w1", started, &done)
+        .await
+        .unwrap();
+    let second = store
+        .record_unstarted_attempt(&r.to_message(), "w1", started, &done)
+        .await
+        .unwrap();
+    assert_eq!(first, EndOutcome::Written);
+    assert_eq!(second, EndOutcome::AlreadyFinal(TaskState::Succeeded));
+    let done_record = store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(done_record.attempts, 1);
+    assert_eq!(done_record.duplicate_executions, 0);
+    assert_eq!(
+        done_record.attempt_history[0].outcome,
+        Some(TaskState::Succeeded)
+    );
+
+    // A start written late whose reply was lost: the end closes that attempt.
+    let r = record();
+    store.create(&r).await.unwrap();
+    let started = Utc::now();
+    store
+        .start_attempt(&r.to_message(), "w1", started)
+        .await
+        .unwrap();
+    store
+        .record_unstarted_attempt(&r.to_message(), "w1", started, &end(TaskState::Succeeded))
+        .await
+        .unwrap();
+    let closed = store.get(r.id).await.unwrap().unwrap();
+    assert_eq!(closed.state, TaskState::Succeeded);
+    assert_eq!(closed.attempts, 1);
+    assert_eq!(
+        closed.attempt_history[0].outcome,
+        Some(TaskState::Succeeded)
+    );
+}
+
 pub async fn start_attempt_creates_a_missing_record(b: &Backends) {
     let msg = message(7);
     let outcome = b.store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();

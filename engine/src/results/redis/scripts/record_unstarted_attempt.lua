@@ -18,7 +18,8 @@
 --
 -- A task cancelled while this attempt ran had no attempt open to close: the
 -- execution is recorded as an attempt closed as cancelled, not counted as a
--- duplicate, as end_attempt.lua does for an attempt it finds open.
+-- duplicate, as end_attempt.lua does for an attempt it finds open. A call
+-- made again (its reply was lost) writes the same attempt again.
 local prefix, ttl, cutoff, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 -- As in start_attempt.lua: ids the workers make need no JSON escaping.
 local splice = not string.find(worker, '[%c"\\]')
@@ -42,17 +43,28 @@ end
 
 local function record(h, id, started, new, at, result, err)
   local cur = redis.call('HMGET', h, 'state', 'created_ms', 'attempts', 'result', 'error',
-    'finished_at')
+    'finished_at', 'worker_id', 'started_at')
   local state, score = cur[1], cur[2] or '0'
   if not state then
     return {-1}
   end
-  local n = (tonumber(cur[3]) or 0) + 1
+  local n = tonumber(cur[3]) or 0
+  -- The latest attempt is this very execution when its worker and start
+  -- time match: a call sent again after its reply was lost, or a start
+  -- written after all (start_attempt.lua) whose reply was lost. It is
+  -- written again, not counted twice.
+  local mine = n > 0 and cur[7] == worker and cur[8] == started
+  if not mine then
+    n = n + 1
+  end
   local field = 'attempt:' .. n
   if state == 'cancelled' then
     redis.call('HSET', h, 'attempts', n, field, attempt_json(n, started, at, 'cancelled', err),
       'updated_at', at)
     redis.call('EXPIRE', h, ttl)
+    return {0, state}
+  end
+  if mine and is_final(state) then
     return {0, state}
   end
   if is_final(state) then
