@@ -38,7 +38,9 @@ use crate::workdir;
 pub const HANDED_BACK: &str = "worker_shutdown";
 
 /// Error code of an attempt that a later delivery found unrecorded: its
-/// worker stopped before recording it. Counts as a crash.
+/// worker stopped before recording it. Counts as a crash, not as one of
+/// the task's `max_attempts` (it may also be a delivery handed back before
+/// it started, for a store outage or a worker's shutdown).
 pub const LOST: &str = "worker_lost";
 
 /// Error code of an attempt stopped because a client cancelled the task.
@@ -552,26 +554,28 @@ async fn write_end(
 }
 
 /// Whether the task may be tried again after attempt `attempt`. Attempts
-/// handed back at a worker's shutdown do not count; finding them needs the
-/// record, read only when the count alone says no.
+/// handed back at a worker's shutdown do not count, nor lost ones (which
+/// may be deliveries handed back before they started); finding them needs
+/// the record, read only when the count alone says no.
 async fn attempts_left(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> bool {
     if attempt < msg.max_attempts {
         return true;
     }
-    let handed_back = match rt.store.get(msg.id).await {
+    let not_counted = match rt.store.get(msg.id).await {
         Ok(Some(record)) => record
             .attempt_history
             .iter()
-            .filter(|a| a.number < attempt && is_handed_back(a))
+            .filter(|a| a.number < attempt && (is_handed_back(a) || is_lost(a)))
             .count(),
         _ => 0,
     };
-    (attempt as usize) < msg.max_attempts as usize + handed_back
+    (attempt as usize) < msg.max_attempts as usize + not_counted
 }
 
 /// For an attempt number beyond `max_attempts`: how many earlier attempts
-/// crashed (started and never ended, or lost), when the ones that count exceed the
-/// limit; `None` when hand-backs explain the excess and the task may run.
+/// crashed (started and never ended, or lost), when the task must not run
+/// again: the executions that count (not handed back, not lost) exceed
+/// the limit, or the crashes reach it. `None` when the task may run.
 async fn crashed_attempts(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Option<u32> {
     let record = match rt.store.get(msg.id).await {
         Ok(Some(record)) => record,
@@ -579,19 +583,28 @@ async fn crashed_attempts(rt: &Runtime, msg: &TaskMessage, attempt: u32) -> Opti
         _ => return Some(attempt - 1),
     };
     let earlier = || record.attempt_history.iter().filter(|a| a.number < attempt);
-    let handed_back = earlier().filter(|a| is_handed_back(a)).count();
-    let counted = attempt as usize - handed_back;
-    if counted <= msg.max_attempts as usize {
+    let not_counted = earlier()
+        .filter(|a| is_handed_back(a) || is_lost(a))
+        .count();
+    let crashed = earlier()
+        .filter(|a| a.outcome.is_none() || is_lost(a))
+        .count();
+    let counted = attempt as usize - not_counted;
+    let max = msg.max_attempts as usize;
+    if counted <= max && crashed < max {
         return None;
     }
-    let crashed = earlier()
-        .filter(|a| a.outcome.is_none() || a.error.as_ref().is_some_and(|e| e.code == LOST))
-        .count();
     Some(u32::try_from(crashed).unwrap_or(u32::MAX))
 }
 
 fn is_handed_back(a: &claudecluster_engine::task::Attempt) -> bool {
     a.error.as_ref().is_some_and(|e| e.code == HANDED_BACK)
+}
+
+/// A delivery found unrecorded by the next one ([`LOST`]): most likely a
+/// crash, but possibly a delivery handed back before it started.
+fn is_lost(a: &claudecluster_engine::task::Attempt) -> bool {
+    a.error.as_ref().is_some_and(|e| e.code == LOST)
 }
 
 #[cfg(test)]
@@ -885,6 +898,41 @@ mod tests {
         let record = backends.store.get(msg.id).await.unwrap().unwrap();
         assert_eq!(record.state, TaskState::Succeeded);
         assert_eq!(record.attempts, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_delivery_counts_as_a_crash_but_not_as_an_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rt, backends) = runtime(dir.path(), Arc::new(Gate::default()));
+        let mut msg = queued_message(&rt, &backends).await;
+        msg.max_attempts = 2;
+        let store = &backends.store;
+        let failed = |at| AttemptEnd {
+            state: TaskState::Queued,
+            result: None,
+            error: Some(TaskError::new("nonzero_exit", "exit 1")),
+            at,
+        };
+        // Delivery 1 was lost, attempt 2 failed and was retried.
+        record_lost_delivery(&rt, &msg).await;
+        store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();
+        store
+            .end_attempt(msg.id, 2, &failed(Utc::now()))
+            .await
+            .unwrap();
+        assert!(
+            attempts_left(&rt, &msg, 2).await,
+            "one execution so far: one left"
+        );
+        assert_eq!(
+            crashed_attempts(&rt, &msg, 3).await,
+            None,
+            "one crash of two allowed: attempt 3 runs"
+        );
+
+        // Attempt 3 crashed (never ended): two crashes, the limit.
+        store.start_attempt(&msg, "w1", Utc::now()).await.unwrap();
+        assert_eq!(crashed_attempts(&rt, &msg, 4).await, Some(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
