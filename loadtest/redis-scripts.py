@@ -7,8 +7,8 @@ engine/src/results/redis/scripts/ (each with the prelude, as the store does),
 pipes the writes of N tasks through `redis-cli --pipe` for each variant, and
 divides the server's CPU time (INFO cpu) by N. Pipelining keeps socket work
 out of the figure, so what is left is what the server does per task. The
-start and end scripts take many tasks per call; they are measured with one
-and with 100.
+start and end scripts, and the one that records a short first attempt
+whole, take many tasks per call; they are measured with one and with 100.
 
 Usage: loadtest/redis-scripts.py [N]   (default 100000; needs redis-server
 and redis-cli on PATH)
@@ -177,6 +177,18 @@ def main():
             rows.append((f"end_attempt.lua (succeeded), {per_call} {tasks} per call",
                          server.per_call(row_calls(end, [written, ttl, cutoff], end_row, part,
                                                    per_call), len(part))))
+        # A short first attempt, started and ended in one row
+        # (`record_unstarted_attempt.lua`), on records created afresh.
+        p = f"b{len(rows)}:"
+        server.per_call(plain_batch(p, ids), N)
+        written = p
+        unstarted = load("record_unstarted_attempt.lua")
+        unstarted_row = lambda i: [i, at, "succeeded", at, result, ""]
+        for per_call, part in [(1, ids[:half]), (BATCH, ids[half:])]:
+            tasks = "task" if per_call == 1 else "tasks"
+            rows.append((f"record_unstarted_attempt.lua (succeeded), {per_call} {tasks} per call",
+                         server.per_call(row_calls(unstarted, [written, ttl, cutoff, "worker-1"],
+                                                   unstarted_row, part, per_call), len(part))))
         width = max(len(label) for label, _ in rows)
         print(f"Redis CPU per task, {N} tasks each, pipelined ({server.cli('info', 'server').split('redis_version:')[1].split()[0]}):")
         for label, us in rows:
