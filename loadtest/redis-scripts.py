@@ -189,6 +189,28 @@ def main():
             rows.append((f"record_unstarted_attempt.lua (succeeded), {per_call} {tasks} per call",
                          server.per_call(row_calls(unstarted, [written, ttl, cutoff, "worker-1"],
                                                    unstarted_row, part, per_call), len(part))))
+        # What that row costs beyond its commands: the same writes as plain
+        # commands, and the rows machinery around a row that does nothing.
+        empty_row = server.cli("script", "load", prelude + "\nreturn rows(function() return {1} end, 4, 6)")
+        rows.append((f"an empty row, {BATCH} tasks per call", server.per_call(
+            row_calls(empty_row, [written, ttl, cutoff, "worker-1"], unstarted_row, ids, BATCH), N)))
+        attempt = json.dumps({"number": 1, "worker_id": "worker-1", "started_at": at,
+                              "finished_at": at, "outcome": "succeeded"})
+        p = f"b{len(rows)}:"
+        server.per_call(plain_batch(p, ids), N)
+        def plain_unstarted(i):
+            key = f"{p}task:{i}"
+            return (resp("HMGET", key, "state", "created_ms", "attempts", "result", "error",
+                         "finished_at", "worker_id", "started_at")
+                    + resp("HSET", key, "state", "succeeded", "attempts", 1,
+                           "worker_id", "worker-1", "started_at", at, "updated_at", at,
+                           "attempt:1", attempt, "result", result, "finished_at", at)
+                    + resp("EXPIRE", key, ttl)
+                    + resp("PUBLISH", f"{p}events:{i}", json.dumps({"id": i, "state": "running"}))
+                    + resp("PUBLISH", f"{p}events:{i}",
+                           json.dumps({"id": i, "state": "succeeded"})))
+        rows.append(("its commands sent plainly (HMGET HSET EXPIRE 2x PUBLISH)",
+                     server.per_call("".join(plain_unstarted(i) for i in ids), N)))
         width = max(len(label) for label, _ in rows)
         print(f"Redis CPU per task, {N} tasks each, pipelined ({server.cli('info', 'server').split('redis_version:')[1].split()[0]}):")
         for label, us in rows:
