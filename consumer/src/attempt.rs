@@ -152,17 +152,26 @@ async fn begin(rt: &Runtime, msg: &TaskMessage, delivery_count: u32) -> Result<B
             Ok(_) | Err(_) => {}
         }
     }
-    let started = retry("starting the attempt", || {
-        rt.store.start_attempt(msg, &rt.worker_id, Utc::now())
-    })
-    .await?;
-    Ok(match started {
+    Ok(match write_start(rt, msg, Utc::now()).await? {
         StartOutcome::Started { attempt } => Begun::Run {
             attempt,
             start: Start::Recorded,
         },
         StartOutcome::AlreadyFinal(state) => Begun::AlreadyFinal(state),
     })
+}
+
+/// Records the attempt as started at `at`, retrying while the store is
+/// unavailable.
+async fn write_start(
+    rt: &Runtime,
+    msg: &TaskMessage,
+    at: DateTime<Utc>,
+) -> Result<StartOutcome, StoreError> {
+    retry("starting the attempt", || {
+        rt.store.start_attempt(msg, &rt.worker_id, at)
+    })
+    .await
 }
 
 /// A redelivery of a task that has never recorded an attempt: the delivery
@@ -248,10 +257,7 @@ async fn run_recording_start(
         outcome = &mut running => return outcome,
         () = tokio::time::sleep(long) => {}
     }
-    let recording = retry("starting the attempt", || {
-        rt.store.start_attempt(msg, &rt.worker_id, at)
-    });
-    let (outcome, recorded) = tokio::join!(&mut running, recording);
+    let (outcome, recorded) = tokio::join!(&mut running, write_start(rt, msg, at));
     match recorded {
         Ok(StartOutcome::Started { attempt: number }) => {
             if number != *attempt {

@@ -270,6 +270,14 @@ impl RedisStore {
         ]
     }
 
+    /// [`Self::shared_args`] and the worker id: what the rows of the scripts
+    /// that start attempts share.
+    fn worker_args(&self, worker_id: &str) -> Vec<Vec<u8>> {
+        let mut shared = self.shared_args();
+        shared.push(worker_id.as_bytes().to_vec());
+        shared
+    }
+
     /// One row of `start_attempt.lua`; `message` is the task message JSON
     /// to create a missing record from, or empty.
     async fn start_call(
@@ -279,8 +287,6 @@ impl RedisStore {
         at: DateTime<Utc>,
         message: &str,
     ) -> Result<Value, StoreError> {
-        let mut shared = self.shared_args();
-        shared.push(worker_id.as_bytes().to_vec());
         let args = vec![
             msg.id.to_string().into_bytes(),
             record::timestamp(at).into_bytes(),
@@ -290,7 +296,7 @@ impl RedisStore {
         self.calls
             .row(
                 &scripts().start_attempt,
-                shared,
+                self.worker_args(worker_id),
                 self.keys.task(msg.id),
                 args,
             )
@@ -521,14 +527,7 @@ impl ResultStore for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(reply::redis_error)?;
-        state
-            .map(|s| {
-                TaskState::parse(&s).ok_or_else(|| StoreError::Corrupt {
-                    id: id.to_string(),
-                    reason: format!("unknown state {s:?}"),
-                })
-            })
-            .transpose()
+        state.map(|s| parse_state(id, &s)).transpose()
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id))]
@@ -558,12 +557,7 @@ impl ResultStore for RedisStore {
             return Ok(StartOutcome::Started { attempt });
         }
         let state = reply::text("start_attempt", detail)?;
-        TaskState::parse(&state)
-            .map(StartOutcome::AlreadyFinal)
-            .ok_or_else(|| StoreError::Corrupt {
-                id: msg.id.to_string(),
-                reason: format!("unknown state {state:?}"),
-            })
+        parse_state(msg.id, &state).map(StartOutcome::AlreadyFinal)
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %id, attempt, state = %end.state))]
@@ -599,14 +593,9 @@ impl ResultStore for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(reply::redis_error)?;
-        let Some(state) = state else {
-            return Ok(None);
-        };
-        let state = TaskState::parse(&state).ok_or_else(|| StoreError::Corrupt {
-            id: id.to_string(),
-            reason: format!("unknown state {state:?}"),
-        })?;
-        Ok(Some((state, attempts.unwrap_or(0))))
+        state
+            .map(|s| Ok((parse_state(id, &s)?, attempts.unwrap_or(0))))
+            .transpose()
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %msg.id, state = %end.state))]
@@ -622,13 +611,11 @@ impl ResultStore for RedisStore {
             record::timestamp(started_at).into_bytes(),
         ];
         args.extend(end_args(end)?);
-        let mut shared = self.shared_args();
-        shared.push(worker_id.as_bytes().to_vec());
         let value = self
             .calls
             .row(
                 &scripts().record_unstarted_attempt,
-                shared,
+                self.worker_args(worker_id),
                 self.keys.task(msg.id),
                 args,
             )
@@ -807,6 +794,15 @@ fn end_args(end: &AttemptEnd) -> Result<[Vec<u8>; 4], StoreError> {
     ])
 }
 
+/// A stored state name, or [`StoreError::Corrupt`] for one this version
+/// does not know.
+fn parse_state(id: TaskId, name: &str) -> Result<TaskState, StoreError> {
+    TaskState::parse(name).ok_or_else(|| StoreError::Corrupt {
+        id: id.to_string(),
+        reason: format!("unknown state {name:?}"),
+    })
+}
+
 /// The answer of a script that ends an attempt (`end_attempt.lua`,
 /// `record_unstarted_attempt.lua`): `{1}`, `{0, state}` or `{-1}`.
 fn end_outcome(id: TaskId, script: &str, value: Value) -> Result<EndOutcome, StoreError> {
@@ -818,12 +814,7 @@ fn end_outcome(id: TaskId, script: &str, value: Value) -> Result<EndOutcome, Sto
                 .next()
                 .ok_or_else(|| StoreError::Other(format!("short reply to {script}")))?;
             let state = reply::text(script, state)?;
-            TaskState::parse(&state)
-                .map(EndOutcome::AlreadyFinal)
-                .ok_or_else(|| StoreError::Corrupt {
-                    id: id.to_string(),
-                    reason: format!("unknown state {state:?}"),
-                })
+            parse_state(id, &state).map(EndOutcome::AlreadyFinal)
         }
         _ => Err(StoreError::Other(format!(
             "task {id} has no record (expired or removed)"

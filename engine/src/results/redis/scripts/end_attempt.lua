@@ -45,9 +45,7 @@ local function finish(h, id, n, new, at, result, err)
     end
   end
   if is_final(state) then
-    redis.call('HINCRBY', h, 'duplicates', 1)
-    redis.call('EXPIRE', h, ttl)
-    return {0, state}
+    return count_duplicate(h, ttl, state)
   end
 
   -- The closed attempt: the open one as start_attempt wrote it, with the end

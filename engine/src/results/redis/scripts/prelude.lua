@@ -60,6 +60,14 @@ local function publish(prefix, id, state)
   redis.call('PUBLISH', prefix .. 'events:' .. id, '{"id":"' .. id .. '","state":"' .. state .. '"}')
 end
 
+-- The answer to an execution that ended after its task was already final
+-- (`state`): counted as a duplicate, the record left as it is.
+local function count_duplicate(h, ttl, state)
+  redis.call('HINCRBY', h, 'duplicates', 1)
+  redis.call('EXPIRE', h, ttl)
+  return {0, state}
+end
+
 -- Writes how an attempt ended: `set` (the fields the caller sets) plus the
 -- outcome's result, error and finish (or requeue) time, in one HSET, and at
 -- most one HDEL of the stale ones the record has (`had_result`,

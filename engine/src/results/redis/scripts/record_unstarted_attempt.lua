@@ -68,9 +68,7 @@ local function record(h, id, started, new, at, result, err)
     return {0, state}
   end
   if is_final(state) then
-    redis.call('HINCRBY', h, 'duplicates', 1)
-    redis.call('EXPIRE', h, ttl)
-    return {0, state}
+    return count_duplicate(h, ttl, state)
   end
 
   write_end(h, ttl, {'state', new, 'attempts', n, 'worker_id', worker, 'started_at', started,
