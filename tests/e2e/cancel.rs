@@ -10,6 +10,7 @@ use chrono::Utc;
 use claudecluster_engine::config::ExecutorKind;
 use claudecluster_engine::results::StartOutcome;
 use claudecluster_engine::task::{TaskId, TaskState};
+use claudecluster_testkit::wait::eventually;
 use claudecluster_tests::{BackendKind, TestCluster};
 use serde_json::{Value, json};
 
@@ -93,7 +94,10 @@ async fn cancelling_a_running_task_stops_its_processes(kind: BackendKind) {
     let pid = wait_for_pid(&pids).await;
     // The start is recorded once the attempt has run for
     // `record_start_after_ms`.
-    let running = wait_running(&cluster, &id).await;
+    let running = wait_record(&cluster, &id, "the task recorded as running", |r| {
+        r["state"] == "running"
+    })
+    .await;
     assert_eq!(running["attempts"], 1, "{running}");
     assert!(process_alive(pid), "the task's process runs");
 
@@ -117,7 +121,10 @@ async fn cancelling_a_running_task_stops_its_processes(kind: BackendKind) {
     );
 
     // The attempt is closed as cancelled; the record stays cancelled.
-    let record = wait_attempt_closed(&cluster, &id).await;
+    let record = wait_record(&cluster, &id, "the cancelled attempt closed", |r| {
+        r["attempt_history"][0]["finished_at"].is_string()
+    })
+    .await;
     assert_eq!(record["state"], "cancelled", "{record}");
     assert_eq!(record["attempts"], 1, "{record}");
     let attempt = &record["attempt_history"][0];
@@ -173,32 +180,16 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
-async fn wait_running(cluster: &TestCluster, id: &str) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
+/// The task's record, once `done` holds for it.
+async fn wait_record(
+    cluster: &TestCluster,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(what, || async {
         let (_, record) = cluster.get(id).await;
-        if record["state"] == "running" {
-            return record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the task was never recorded as running: {record}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_attempt_closed(cluster: &TestCluster, id: &str) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, record) = cluster.get(id).await;
-        if record["attempt_history"][0]["finished_at"].is_string() {
-            return record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled attempt was never closed: {record}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        done(&record).then_some(record)
+    })
+    .await
 }

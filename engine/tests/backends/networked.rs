@@ -14,7 +14,7 @@ use claudecluster_engine::results::redis::RedisStore;
 use claudecluster_engine::results::{
     AttemptEnd, EndOutcome, ResultStore, StartOutcome, StoreError,
 };
-use claudecluster_engine::task::{TaskRecord, TaskState, TraceContext};
+use claudecluster_engine::task::{TaskId, TaskRecord, TaskState, TraceContext};
 use claudecluster_testkit::services;
 use claudecluster_testkit::wait::eventually;
 
@@ -285,6 +285,35 @@ async fn concurrent_starts_and_ends_each_get_their_own_outcome() {
     }
 }
 
+/// A subscription to the events of task `id`.
+async fn events_of(
+    settings: &claudecluster_engine::config::Settings,
+    id: TaskId,
+) -> redis::aio::PubSub {
+    let client = redis::Client::open(services::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}events:{id}", settings.redis.key_prefix))
+        .await
+        .unwrap();
+    pubsub
+}
+
+/// The states of the next `n` events of task `id`.
+async fn next_states(pubsub: &mut redis::aio::PubSub, id: TaskId, n: usize) -> Vec<String> {
+    let mut events = pubsub.on_message();
+    let mut states = Vec::new();
+    for _ in 0..n {
+        let msg = within("an event", futures::StreamExt::next(&mut events))
+            .await
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+        assert_eq!(payload["id"], id.to_string());
+        states.push(payload["state"].as_str().unwrap().to_owned());
+    }
+    states
+}
+
 #[tokio::test]
 async fn transitions_publish_events() {
     let settings = networked_settings();
@@ -293,29 +322,16 @@ async fn transitions_publish_events() {
         .await
         .unwrap();
     let r = record();
-    let client = redis::Client::open(services::redis_url()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub
-        .subscribe(format!("{}events:{}", settings.redis.key_prefix, r.id))
-        .await
-        .unwrap();
+    let mut pubsub = events_of(&settings, r.id).await;
     store.create(&r).await.unwrap();
     store
         .start_attempt(&r.to_message(), "w1", Utc::now())
         .await
         .unwrap();
-    let mut events = pubsub.on_message();
-    let mut states = Vec::new();
-    for _ in 0..2 {
-        let msg = crate::harness::within("an event", futures::StreamExt::next(&mut events))
-            .await
-            .unwrap();
-        let payload: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
-        assert_eq!(payload["id"], r.id.to_string());
-        states.push(payload["state"].as_str().unwrap().to_owned());
-    }
-    drop(events);
-    assert_eq!(states, ["queued", "running"]);
+    assert_eq!(
+        next_states(&mut pubsub, r.id, 2).await,
+        ["queued", "running"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,12 +343,7 @@ async fn an_unstarted_attempt_publishes_running_then_its_end() {
         .unwrap();
     let r = record();
     store.create(&r).await.unwrap();
-    let client = redis::Client::open(services::redis_url()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub
-        .subscribe(format!("{}events:{}", settings.redis.key_prefix, r.id))
-        .await
-        .unwrap();
+    let mut pubsub = events_of(&settings, r.id).await;
     let end = AttemptEnd {
         state: TaskState::Succeeded,
         result: None,
@@ -343,17 +354,10 @@ async fn an_unstarted_attempt_publishes_running_then_its_end() {
         .record_unstarted_attempt(&r.to_message(), "w1", Utc::now(), &end)
         .await
         .unwrap();
-    let mut events = pubsub.on_message();
-    let mut states = Vec::new();
-    for _ in 0..2 {
-        let msg = crate::harness::within("an event", futures::StreamExt::next(&mut events))
-            .await
-            .unwrap();
-        let payload: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
-        states.push(payload["state"].as_str().unwrap().to_owned());
-    }
-    drop(events);
-    assert_eq!(states, ["running", "succeeded"]);
+    assert_eq!(
+        next_states(&mut pubsub, r.id, 2).await,
+        ["running", "succeeded"]
+    );
 }
 
 #[tokio::test]
