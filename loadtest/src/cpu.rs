@@ -5,6 +5,10 @@
 //! generator share the same cores, so throughput alone cannot say which of
 //! them to make cheaper; CPU per task can, and unlike latency it hardly
 //! changes when other work competes for the machine.
+//!
+//! What a virtual machine's host takes from it shows here too: the share of
+//! the run's CPU time "stolen" (`/proc/stat`), which explains runs where
+//! throughput fell or latency spiked with no change in CPU per task.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +32,7 @@ pub struct CpuUse {
 #[derive(Debug, Clone)]
 pub struct CpuWatch {
     start: Vec<(String, u32, Option<u64>)>,
+    machine: Option<MachineTicks>,
 }
 
 impl CpuWatch {
@@ -47,7 +52,21 @@ impl CpuWatch {
             let (name, pid) = parse_spec(spec)?;
             start.push((name, pid, cpu_ticks(pid)));
         }
-        Ok(Self { start })
+        Ok(Self {
+            start,
+            machine: machine_ticks(),
+        })
+    }
+
+    /// The share of the machine's CPU time since [`Self::start`] that its
+    /// host took (steal), in percent; `None` where `/proc/stat` cannot be
+    /// read.
+    pub fn steal_percent(&self) -> Option<f64> {
+        let before = self.machine?;
+        let now = machine_ticks()?;
+        let total = now.total.checked_sub(before.total)?;
+        let steal = now.steal.checked_sub(before.steal)?;
+        (total > 0).then(|| steal as f64 * 100.0 / total as f64)
     }
 
     /// The CPU used since [`Self::start`], per process, spread over `tasks`.
@@ -79,6 +98,35 @@ fn ticks_per_second() -> f64 {
     100.0
 }
 
+/// The machine's CPU ticks (all CPUs): every kind together, and steal.
+#[derive(Debug, Clone, Copy)]
+struct MachineTicks {
+    total: u64,
+    steal: u64,
+}
+
+fn machine_ticks() -> Option<MachineTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine(&stat)
+}
+
+/// The first line of `/proc/stat`: `cpu user nice system idle iowait irq
+/// softirq steal guest guest_nice`. Guest time is already counted in user
+/// time, so the total stops at steal.
+fn parse_machine(stat: &str) -> Option<MachineTicks> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some(MachineTicks {
+        total: ticks.iter().sum(),
+        steal: *ticks.get(7)?,
+    })
+}
+
 /// User plus system ticks of a process (fields 14 and 15 of its stat line).
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -108,6 +156,17 @@ mod tests {
     }
 
     #[test]
+    fn machine_lines_give_total_and_steal() {
+        let stat = "cpu  100 5 20 800 10 1 2 12 0 0\ncpu0 50 2 10 400 5 0 1 6 0 0\n";
+        let ticks = parse_machine(stat).unwrap();
+        assert_eq!(ticks.total, 950);
+        assert_eq!(ticks.steal, 12);
+        // Kernels before steal was counted have seven fields.
+        assert!(parse_machine("cpu  1 2 3 4 5 6 7\n").is_none());
+        assert!(parse_machine("intr 1 2 3\n").is_none());
+    }
+
+    #[test]
     fn this_process_is_watched() {
         let watch = CpuWatch::start(&[], "me").unwrap();
         // Burn a little CPU so there is something to count.
@@ -120,6 +179,8 @@ mod tests {
         assert_eq!(used.len(), 1);
         assert_eq!(used[0].name, "me");
         assert!(used[0].cpu_secs >= 0.0);
+        let steal = watch.steal_percent().expect("Linux has /proc/stat");
+        assert!((0.0..=100.0).contains(&steal));
         assert!(CpuWatch::start(&["nope".into()], "me").is_err());
     }
 }

@@ -347,6 +347,7 @@ pub async fn run(config: RunConfig) -> Result<Report, RunError> {
         } else {
             stats.accepted
         }),
+        steal_percent: cpu.steal_percent(),
         last_error: stats.last_error.clone(),
     })
 }

@@ -36,6 +36,10 @@ pub struct Report {
     /// CPU the watched processes (and the generator) used during the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu: Vec<CpuUse>,
+    /// The share of the machine's CPU time its host took during the run
+    /// (steal), in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_percent: Option<f64>,
     /// The last error seen, if any, to explain non-zero error counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -186,6 +190,9 @@ impl Report {
                 crate::raw::cpu_line(&self.cpu)
             );
         }
+        if let Some(steal) = self.steal_percent {
+            let _ = writeln!(out, "  machine     {}", crate::raw::steal_line(steal));
+        }
         if let Some(e) = &self.last_error {
             let _ = writeln!(out, "  last error  {e}");
         }
@@ -220,6 +227,7 @@ mod tests {
             throughput: Throughput::default(),
             latency: Latencies::default(),
             cpu: Vec::new(),
+            steal_percent: None,
             last_error: None,
         }
     }

@@ -261,25 +261,45 @@ impl BenchSummary {
             }
         }
         let cpu_runs = [
-            ("raw pipeline", self.raw.as_ref().map(|r| &r.cpu)),
-            ("single submits", self.single.as_ref().map(|r| &r.cpu)),
-            ("batch submits", self.batch.as_ref().map(|r| &r.cpu)),
-            ("steady rate", self.latency.as_ref().map(|r| &r.cpu)),
+            (
+                "raw pipeline",
+                self.raw.as_ref().map(|r| (&r.cpu, r.steal_percent)),
+            ),
+            (
+                "single submits",
+                self.single.as_ref().map(|r| (&r.cpu, r.steal_percent)),
+            ),
+            (
+                "batch submits",
+                self.batch.as_ref().map(|r| (&r.cpu, r.steal_percent)),
+            ),
+            (
+                "steady rate",
+                self.latency.as_ref().map(|r| (&r.cpu, r.steal_percent)),
+            ),
         ];
         if cpu_runs
             .iter()
-            .any(|(_, c)| c.is_some_and(|c| !c.is_empty()))
+            .any(|(_, c)| c.is_some_and(|(c, _)| !c.is_empty()))
         {
-            let _ = writeln!(out, "\nCPU µs per task (per message for raw)");
-            for (name, cpu) in cpu_runs {
-                if let Some(cpu) = cpu.filter(|c| !c.is_empty()) {
-                    let total: f64 = cpu.iter().map(|c| c.us_per_task).sum();
-                    let _ = writeln!(
-                        out,
-                        "  {name:<16} total {total:>7.1}: {}",
-                        crate::raw::cpu_line(cpu)
-                    );
+            let _ = writeln!(
+                out,
+                "\nCPU µs per task (per message for raw); steal: the host's share of the machine's CPU time"
+            );
+            for (name, (cpu, steal)) in cpu_runs
+                .into_iter()
+                .filter_map(|(name, run)| Some((name, run?)))
+            {
+                if cpu.is_empty() {
+                    continue;
                 }
+                let total: f64 = cpu.iter().map(|c| c.us_per_task).sum();
+                let steal = steal.map_or_else(String::new, |s| format!("; steal {s:.1} %"));
+                let _ = writeln!(
+                    out,
+                    "  {name:<16} total {total:>7.1}: {}{steal}",
+                    crate::raw::cpu_line(cpu)
+                );
             }
         }
         let _ = writeln!(out, "\ntargets");
@@ -333,6 +353,7 @@ mod tests {
             },
             latency: Default::default(),
             cpu: Vec::new(),
+            steal_percent: None,
             last_error: None,
         };
         r.latency.end_to_end.count = 10;
@@ -360,6 +381,7 @@ mod tests {
             end_to_end_secs: 1.0,
             end_to_end_per_s: rate,
             cpu: Vec::new(),
+            steal_percent: None,
         }
     }
 

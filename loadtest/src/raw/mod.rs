@@ -107,6 +107,10 @@ pub struct RawReport {
     /// CPU the watched processes and this program used, per message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu: Vec<CpuUse>,
+    /// The share of the machine's CPU time its host took during the run
+    /// (steal), in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_percent: Option<f64>,
 }
 
 impl RawReport {
@@ -147,6 +151,9 @@ impl RawReport {
                 cpu_line(&self.cpu)
             ));
         }
+        if let Some(steal) = self.steal_percent {
+            out.push_str(&format!("  machine      {}\n", steal_line(steal)));
+        }
         out
     }
 }
@@ -157,6 +164,11 @@ pub fn cpu_line(cpu: &[CpuUse]) -> String {
         .map(|c| format!("{} {:.1}", c.name, c.us_per_task))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// How much of a run's CPU time the host took, for tables.
+pub fn steal_line(steal_percent: f64) -> String {
+    format!("{steal_percent:.1} % of CPU time taken by the host (steal)")
 }
 
 /// Errors of the raw benchmark.
@@ -361,6 +373,7 @@ async fn measure(config: &RawConfig, names: &Names) -> Result<RawReport, RawErro
         end_to_end_secs,
         end_to_end_per_s: consumed as f64 / end_to_end_secs.max(1e-9),
         cpu: cpu.finish(consumed),
+        steal_percent: cpu.steal_percent(),
     })
 }
 
