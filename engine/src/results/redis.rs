@@ -585,14 +585,15 @@ impl ResultStore for RedisStore {
     }
 
     async fn peek(&self, id: TaskId) -> Result<Option<(TaskState, u32)>, StoreError> {
-        let mut conn = self.conn();
-        let (state, attempts): (Option<String>, Option<u32>) = ::redis::cmd("HMGET")
-            .arg(self.keys.task(id))
-            .arg("state")
-            .arg("attempts")
-            .query_async(&mut conn)
-            .await
-            .map_err(reply::redis_error)?;
+        // Through the coalescer, not a connection of its own: a worker peeks
+        // at every delivery of a pull, and the commands queued together go
+        // out in one pipeline. Sent one by one, they cost a busy worker an
+        // eighth of its CPU.
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(self.keys.task(id)).arg("state").arg("attempts");
+        let value = self.calls.command(cmd).await?;
+        let (state, attempts): (Option<String>, Option<u32>) = ::redis::from_redis_value(value)
+            .map_err(|e| StoreError::Other(format!("unexpected reply to HMGET: {e}")))?;
         state
             .map(|s| Ok((parse_state(id, &s)?, attempts.unwrap_or(0))))
             .transpose()

@@ -11,6 +11,9 @@
 //! and at most [`IN_FLIGHT`] pipelines are on the wire, so batches grow with
 //! the load and only with it.
 //!
+//! Plain commands ([`Coalescer::command`]: the look a worker takes at each
+//! delivery before it runs it) ride in the same pipelines.
+//!
 //! Each call fails or succeeds on its own. Calls of a script that takes
 //! rows ([`Coalescer::row`]: a worker's starts and ends) go further: the
 //! rows queued together for the same script and shared arguments become one
@@ -22,7 +25,7 @@
 use std::sync::Arc;
 
 use ::redis::{
-    ErrorKind, RedisError, RedisResult, Script, ScriptInvocation, ServerErrorKind, Value,
+    Cmd, ErrorKind, RedisError, RedisResult, Script, ScriptInvocation, ServerErrorKind, Value,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -38,10 +41,18 @@ const IN_FLIGHT: usize = 2;
 
 type Answer = oneshot::Sender<Result<Value, StoreError>>;
 
-/// A script call on its way to Redis.
+/// A script call or a plain command on its way to Redis.
 struct Call {
-    invocation: ScriptInvocation<'static>,
+    request: Request,
     reply: Reply,
+}
+
+/// What a [`Call`] sends.
+enum Request {
+    Script(ScriptInvocation<'static>),
+    /// Taken out (left empty) once in a pipeline: a command is never sent
+    /// again, unlike a script the server did not know.
+    Command(Cmd),
 }
 
 /// Who waits for a call's reply.
@@ -117,7 +128,17 @@ impl Coalescer {
     pub async fn eval(&self, invocation: ScriptInvocation<'static>) -> Result<Value, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.queue(Queued::Call(Call {
-            invocation,
+            request: Request::Script(invocation),
+            reply: Reply::One(reply),
+        }))?;
+        Self::answer(answer).await
+    }
+
+    /// Runs one plain command, together with whatever else is queued.
+    pub async fn command(&self, cmd: Cmd) -> Result<Value, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue(Queued::Call(Call {
+            request: Request::Command(cmd),
             reply: Reply::One(reply),
         }))?;
         Self::answer(answer).await
@@ -196,7 +217,7 @@ fn calls(queued: Vec<Queued>) -> Vec<Call> {
             answers.push(row.reply);
         }
         calls.push(Call {
-            invocation,
+            request: Request::Script(invocation),
             reply: Reply::Rows(answers),
         });
     }
@@ -236,8 +257,15 @@ async fn send(batch: Vec<Call>, connections: &Connections) {
     for loads in 0..=MAX_LOADS {
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
-        for call in &pending {
-            pipe.invoke_script(&call.invocation);
+        for call in &mut pending {
+            match &mut call.request {
+                Request::Script(invocation) => {
+                    pipe.invoke_script(invocation);
+                }
+                Request::Command(cmd) => {
+                    pipe.add_command(std::mem::take(cmd));
+                }
+            }
         }
         let results: Vec<RedisResult<Value>> = match pipe.query_async(&mut conn).await {
             Ok(results) => results,
@@ -259,10 +287,10 @@ async fn send(batch: Vec<Call>, connections: &Connections) {
                     .send(Err(StoreError::Other("missing reply in a pipeline".into()))),
             }
         }
-        let Some(first) = unknown.first() else {
+        let Some(Request::Script(first)) = unknown.first().map(|call| &call.request) else {
             return;
         };
-        if let Err(e) = first.invocation.load_async(&mut conn).await {
+        if let Err(e) = first.load_async(&mut conn).await {
             return fail(unknown, &reply::redis_error(e));
         }
         pending = unknown;
@@ -383,6 +411,80 @@ mod tests {
             }
         }
         assert!(largest_call > 1, "every row went in a call of its own");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commands_ride_with_script_calls_and_are_sent_once() {
+        let connections = Arc::new(Connections::new(&services::redis_url(), 1).unwrap());
+        let calls = Coalescer::start(connections.clone());
+        // A script this Redis has never seen: its calls are sent again after
+        // NOSCRIPT, and the commands in the same pipelines must not be.
+        let body = format!("-- {}\nreturn ARGV[1]", uuid::Uuid::new_v4());
+        let echo: &'static Script = Box::leak(Box::new(Script::new(&body)));
+        let counter = format!("cc-test:{}", uuid::Uuid::new_v4());
+        let text = format!("cc-test:{}", uuid::Uuid::new_v4());
+        let mut conn = connections.get();
+        let () = ::redis::cmd("SET")
+            .arg(&text)
+            .arg("not a number")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        let replies = futures::future::join_all((0..300).map(|i| {
+            let calls = &calls;
+            let (counter, text) = (&counter, &text);
+            async move {
+                match i % 3 {
+                    0 => {
+                        let mut invocation = echo.prepare_invoke();
+                        invocation.arg(i);
+                        (i, calls.eval(invocation).await)
+                    }
+                    1 => {
+                        let mut cmd = ::redis::cmd("INCR");
+                        cmd.arg(counter);
+                        (i, calls.command(cmd).await)
+                    }
+                    _ => {
+                        let mut cmd = ::redis::cmd("INCR");
+                        cmd.arg(text);
+                        (i, calls.command(cmd).await)
+                    }
+                }
+            }
+        }))
+        .await;
+        let mut counts = Vec::new();
+        for (i, reply) in replies {
+            match i % 3 {
+                0 => assert_eq!(
+                    reply.unwrap(),
+                    Value::BulkString(i.to_string().into_bytes())
+                ),
+                1 => match reply.unwrap() {
+                    Value::Int(n) => counts.push(n),
+                    other => panic!("INCR answered {other:?}"),
+                },
+                _ => assert!(
+                    matches!(&reply, Err(StoreError::Other(m)) if m.contains("not an integer")),
+                    "{reply:?}"
+                ),
+            }
+        }
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            (1..=100).collect::<Vec<i64>>(),
+            "a command ran twice"
+        );
+
+        let () = ::redis::cmd("DEL")
+            .arg(&counter)
+            .arg(&text)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
