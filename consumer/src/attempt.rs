@@ -88,7 +88,9 @@ pub(crate) async fn process(
     acker: Arc<dyn Acker>,
     delivery_count: u32,
 ) {
-    let (attempt, start) = match begin(rt, &msg, delivery_count).await {
+    // Boxed, as the attempt below: inline, each await's state adds to this
+    // future, which every delivery allocates (see `run_recording_start`).
+    let (attempt, start) = match Box::pin(begin(rt, &msg, delivery_count)).await {
         Ok(Begun::Run { attempt, start }) => (attempt, start),
         Ok(Begun::AlreadyFinal(state)) => {
             tracing::debug!(%state, "task already final; acknowledging the delivery");
@@ -232,7 +234,17 @@ async fn run_and_record(
         let outcome = run_recording_start(rt, msg, &mut attempt, &mut start, stop).await;
         decide(rt, msg, attempt, outcome, stop).await
     };
-    record(rt, msg, payload, attempt, start, decision, began.elapsed()).await
+    // Boxed, as in `run_recording_start`.
+    Box::pin(record(
+        rt,
+        msg,
+        payload,
+        attempt,
+        start,
+        decision,
+        began.elapsed(),
+    ))
+    .await
 }
 
 /// Runs the attempt. A deferred start is recorded once the attempt has run
@@ -249,15 +261,17 @@ async fn run_recording_start(
     let Start::Deferred(at) = *start else {
         return run(rt, msg, *attempt, stop).await;
     };
-    let running = run(rt, msg, *attempt, stop);
-    tokio::pin!(running);
+    // Both futures boxed: held inline, they made the attempt's future
+    // larger than the allocator's per-thread cache serves (1 KiB), and a
+    // larger block costs the allocator many times more on every task.
+    let mut running = Box::pin(run(rt, msg, *attempt, stop));
     let long = Duration::from_millis(rt.settings.worker.record_start_after_ms);
     tokio::select! {
         biased;
         outcome = &mut running => return outcome,
         () = tokio::time::sleep(long) => {}
     }
-    let (outcome, recorded) = tokio::join!(&mut running, write_start(rt, msg, at));
+    let (outcome, recorded) = tokio::join!(&mut running, Box::pin(write_start(rt, msg, at)));
     match recorded {
         Ok(StartOutcome::Started { attempt: number }) => {
             if number != *attempt {
@@ -427,6 +441,10 @@ fn backoff(rt: &Runtime, attempt: u32) -> Duration {
 
 /// Writes the decision (dead letter first, then the record) and returns the
 /// acknowledgement that matches what was written.
+///
+/// The writes are boxed: this future sits in every task's attempt, which
+/// must stay within the allocator's per-thread cache (see
+/// [`run_recording_start`]).
 async fn record(
     rt: &Runtime,
     msg: &TaskMessage,
@@ -436,7 +454,7 @@ async fn record(
     decision: Decision,
     took: Duration,
 ) -> AckKind {
-    let (end, status, kind) = match decision {
+    let (end, then) = match decision {
         Decision::Final {
             state,
             result,
@@ -444,9 +462,9 @@ async fn record(
             dead_letter,
         } => {
             if let Some((code, reason)) = dead_letter {
-                let written = retry("writing a dead letter", || {
+                let written = Box::pin(retry("writing a dead letter", || {
                     rt.consumer.dead_letter(Some(msg.id), payload, &reason)
-                })
+                }))
                 .await;
                 if let Err(e) = written {
                     tracing::error!(error = %e, "cannot dead-letter the task; handing it back");
@@ -465,7 +483,7 @@ async fn record(
                 error,
                 at: Utc::now(),
             };
-            (end, Status::Final(state), kind)
+            (end, Then::Count(Status::Final(state), kind))
         }
         Decision::Retry { error, delay } => {
             tracing::info!(code = %error.code, ?delay, "attempt failed; retrying");
@@ -475,7 +493,7 @@ async fn record(
                 error: Some(error),
                 at: Utc::now(),
             };
-            (end, Status::Retried, AckKind::Nak(Some(delay)))
+            (end, Then::Count(Status::Retried, AckKind::Nak(Some(delay))))
         }
         Decision::Cancelled => {
             let end = AttemptEnd {
@@ -487,18 +505,7 @@ async fn record(
                 )),
                 at: Utc::now(),
             };
-            // The record said `cancelled` before the processes were stopped,
-            // so the store answers "already final" and closes the attempt
-            // without counting a duplicate execution. Either answer means
-            // the message is done with.
-            return match write_end(rt, msg, attempt, start, &end).await {
-                Some(_) => {
-                    tracing::info!("attempt stopped by a cancel");
-                    rt.meters.outcome(Status::Final(TaskState::Cancelled), took);
-                    AckKind::Ack
-                }
-                None => AckKind::Nak(Some(rt.service_retry_delay())),
-            };
+            (end, Then::Cancelled)
         }
         Decision::HandBack => {
             tracing::info!("worker stopping; handing the task back");
@@ -511,29 +518,48 @@ async fn record(
                 )),
                 at: Utc::now(),
             };
-            // Not an outcome of the task: no tasks_total count.
-            return match write_end(rt, msg, attempt, start, &end).await {
-                Some(EndOutcome::Written) => AckKind::Nak(None),
-                // Cancelled meanwhile: nothing left to hand back.
-                Some(EndOutcome::AlreadyFinal(_)) => AckKind::Ack,
-                None => AckKind::Nak(Some(rt.service_retry_delay())),
-            };
+            (end, Then::HandBack)
         }
     };
-    match write_end(rt, msg, attempt, start, &end).await {
-        Some(EndOutcome::Written) => {
+    let Some(outcome) = Box::pin(write_end(rt, msg, attempt, start, &end)).await else {
+        return AckKind::Nak(Some(rt.service_retry_delay()));
+    };
+    match (then, outcome) {
+        (Then::Count(status, kind), EndOutcome::Written) => {
             tracing::info!(state = %end.state, "attempt recorded");
             rt.meters.outcome(status, took);
             kind
         }
-        Some(EndOutcome::AlreadyFinal(state)) => {
+        // The record said `cancelled` before the processes were stopped,
+        // so the store answers "already final" and closes the attempt
+        // without counting a duplicate execution. Either answer means the
+        // message is done with.
+        (Then::Cancelled, _) => {
+            tracing::info!("attempt stopped by a cancel");
+            rt.meters.outcome(Status::Final(TaskState::Cancelled), took);
+            AckKind::Ack
+        }
+        // Not an outcome of the task: no tasks_total count.
+        (Then::HandBack, EndOutcome::Written) => AckKind::Nak(None),
+        (Then::Count(..), EndOutcome::AlreadyFinal(state)) => {
             // Cancelled meanwhile, or another worker finished a redelivery
             // first: the first final write stands.
             tracing::info!(%state, "task was already final; result not written");
             AckKind::Ack
         }
-        None => AckKind::Nak(Some(rt.service_retry_delay())),
+        // Cancelled meanwhile: nothing left to hand back.
+        (Then::HandBack, EndOutcome::AlreadyFinal(_)) => AckKind::Ack,
     }
+}
+
+/// What [`record`] does once the end is written.
+enum Then {
+    /// Count the outcome, then settle the message with this.
+    Count(Status, AckKind),
+    /// The attempt was stopped by a client's cancel.
+    Cancelled,
+    /// The worker is stopping and hands the task back.
+    HandBack,
 }
 
 async fn write_end(
@@ -619,7 +645,7 @@ mod tests {
 
     use async_trait::async_trait;
     use claudecluster_engine::backend::Backends;
-    use claudecluster_engine::broker::BrokerError;
+    use claudecluster_engine::broker::{BrokerError, Delivery, PriorityBand};
     use claudecluster_engine::config::Settings;
     use claudecluster_engine::task::{NewTask, TaskRecord};
     use claudecluster_testkit::wait::eventually;
@@ -956,5 +982,79 @@ mod tests {
         let record = backends.store.get(msg.id).await.unwrap().unwrap();
         assert_eq!(record.state, TaskState::Cancelled);
         assert_eq!(record.attempts, 0, "never ran");
+    }
+
+    /// glibc's per-thread cache serves blocks of up to 1032 bytes; a larger
+    /// one takes the allocator's slow path, which also consolidates its
+    /// free lists. Every delivery allocates these futures anew.
+    const THREAD_CACHE_MAX: usize = 1032;
+
+    #[tokio::test]
+    async fn each_deliverys_futures_fit_the_allocators_thread_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rt, _backends) = runtime(dir.path(), Arc::new(Gate::default()));
+        let msg = message(&rt);
+        let payload = Bytes::new();
+        let stop = Stop::new(&rt.abort);
+        let end = AttemptEnd {
+            state: TaskState::Succeeded,
+            result: None,
+            error: None,
+            at: Utc::now(),
+        };
+        let delivery = Delivery {
+            payload: payload.clone(),
+            delivery_count: 1,
+            band: PriorityBand::Normal,
+            acker: Box::new(Recorder::default()),
+        };
+        let acker: Arc<dyn Acker> = Arc::new(Recorder::default());
+        let sizes = [
+            (
+                "delivery::handle",
+                std::mem::size_of_val(&crate::delivery::handle(&rt, delivery)),
+            ),
+            (
+                "process",
+                std::mem::size_of_val(&process(&rt, msg.clone(), payload.clone(), acker, 1)),
+            ),
+            ("begin", std::mem::size_of_val(&begin(&rt, &msg, 1))),
+            (
+                "run_and_record",
+                std::mem::size_of_val(&run_and_record(
+                    &rt,
+                    &msg,
+                    &payload,
+                    1,
+                    Start::Recorded,
+                    &stop,
+                )),
+            ),
+            ("run", std::mem::size_of_val(&run(&rt, &msg, 1, &stop))),
+            (
+                "record",
+                std::mem::size_of_val(&record(
+                    &rt,
+                    &msg,
+                    &payload,
+                    1,
+                    Start::Recorded,
+                    Decision::Cancelled,
+                    Duration::ZERO,
+                )),
+            ),
+            (
+                "write_end",
+                std::mem::size_of_val(&write_end(&rt, &msg, 1, Start::Recorded, &end)),
+            ),
+        ];
+        let too_large: Vec<_> = sizes
+            .iter()
+            .filter(|(_, size)| *size > THREAD_CACHE_MAX)
+            .collect();
+        assert!(
+            too_large.is_empty(),
+            "futures over {THREAD_CACHE_MAX} bytes (box what they hold inline): {too_large:?}"
+        );
     }
 }

@@ -40,28 +40,39 @@ pub(crate) async fn handle(rt: &Runtime, delivery: Delivery) {
     if delivery_count > 1 {
         rt.meters.redelivered();
     }
-    match decode(&payload, rt) {
-        Ok(msg) => {
-            let span = tracing::info_span!(
-                "task",
-                task_id = %msg.id,
-                attempt = tracing::field::Empty,
-                delivery = delivery_count
-            );
-            attempt::process(rt, msg, payload, acker.into(), delivery_count)
-                .instrument(span)
-                .await;
-        }
+    let msg = match decode(&payload, rt) {
+        Ok(msg) => msg,
         Err(rejection) => {
             let span = tracing::info_span!(
                 "rejected",
                 task_id = rejection.task_id.map(tracing::field::display)
             );
-            reject(rt, rejection, &payload, acker.as_ref())
+            // Boxed: rare, and held inline it would make every task's
+            // future larger (see `attempt::run_recording_start`).
+            Box::pin(reject(rt, rejection, &payload, acker.as_ref()))
                 .instrument(span)
                 .await;
+            return;
         }
-    }
+    };
+    let span = tracing::info_span!(
+        "task",
+        task_id = %msg.id,
+        attempt = tracing::field::Empty,
+        delivery = delivery_count
+    );
+    // Boxed: this future is what the worker spawns for each delivery,
+    // and with the attempt inline it outgrew the allocator's per-thread
+    // cache (see `attempt::run_recording_start`).
+    Box::pin(attempt::process(
+        rt,
+        msg,
+        payload,
+        acker.into(),
+        delivery_count,
+    ))
+    .instrument(span)
+    .await;
 }
 
 /// Parses and validates a message.

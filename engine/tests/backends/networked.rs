@@ -651,3 +651,20 @@ async fn setup_takes_a_task_stream_that_still_announces() {
     assert_eq!(crate::harness::id_of(&batch[0]), task.id);
     crate::harness::ack_all(&batch).await;
 }
+
+/// A worker calls `next_batch` whenever it has room, and `async_trait`
+/// allocates the call's future each time: it must stay within glibc's
+/// per-thread cache (1032 bytes), past which an allocation takes the slow
+/// path. Rare branches (repairs, the first start) are boxed for this.
+#[tokio::test]
+async fn a_pulls_future_fits_the_allocators_thread_cache() {
+    use claudecluster_engine::broker::TaskConsumer;
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let broker = JetStreamBroker::setup(nats().await, &settings.nats)
+        .await
+        .unwrap();
+    let pull = broker.next_batch(1);
+    let size = std::mem::size_of_val(&*pull);
+    assert!(size <= 1032, "next_batch's future is {size} bytes");
+}

@@ -307,7 +307,10 @@ impl Arrivals {
                 expires: Some(self.watch_expires),
                 ..BatchConfig::default()
             };
-            if let Err(e) = b.consumer.request_batch(watch, reply.into()).await {
+            // Boxed, only when a watch goes out: held inline, the request
+            // grew every `next_batch` future past the allocator's
+            // per-thread cache.
+            if let Err(e) = Box::pin(b.consumer.request_batch(watch, reply.into())).await {
                 lock(&b.state).parked = None;
                 b.dirty.store(true, Ordering::Release);
                 result = Err(unavailable("cannot park a watch", e));

@@ -119,7 +119,9 @@ impl JetStreamBroker {
             return Ok(());
         };
         arrivals.mark(rest);
-        let sent = arrivals.pull(first, free).await;
+        // Boxed, only when a pull goes out: held inline, it grew every
+        // `next_batch` future past the allocator's per-thread cache.
+        let sent = Box::pin(arrivals.pull(first, free)).await;
         if !matches!(sent, Ok(true)) {
             // Still open, or not sent: the band stays due.
             arrivals.mark(&[first]);
@@ -137,7 +139,8 @@ impl JetStreamBroker {
             ))));
         }
         for band in arrivals.take_silent(SILENCE) {
-            self.explain_silence(self.lane(band)).await?;
+            // Boxed: rare, and large enough to grow `next_batch`'s future.
+            Box::pin(self.explain_silence(self.lane(band))).await?;
         }
         Ok(())
     }
@@ -232,7 +235,9 @@ impl TaskConsumer for JetStreamBroker {
                     .map(|lane| (lane.band, lane.consumer.clone()))
                     .collect();
                 let lease = Duration::from_millis(self.settings.ack_wait_ms.max(1));
-                Arrivals::start(&self.client, self.js.clone(), lanes, lease).await
+                // Boxed: held inline, this one-off start added 4 KB to
+                // every call's future, which `async_trait` allocates anew.
+                Box::pin(Arrivals::start(&self.client, self.js.clone(), lanes, lease)).await
             })
             .await?;
         loop {
@@ -257,7 +262,9 @@ impl TaskConsumer for JetStreamBroker {
                 Err(e) => Err(e),
             };
             if let Err(e) = pulled {
-                let e = self.repair_after(e).await;
+                // Boxed: rare, and held inline it made every call's future
+                // 11 KB.
+                let e = Box::pin(self.repair_after(e)).await;
                 if batch.is_empty() {
                     return Err(e);
                 }
