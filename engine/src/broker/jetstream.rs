@@ -201,9 +201,10 @@ impl JetStreamBroker {
         }
         let timeout = Duration::from_millis(self.settings.publish_timeout_ms.max(1));
         let confirmed = async {
-            let ack = self
-                .js
-                .send_publish(subject, message)
+            // Boxed: inline, async-nats's send made every publish's future
+            // larger than the allocator's per-thread cache serves (1 KiB),
+            // and a batch allocates one per task.
+            let ack = Box::pin(self.js.send_publish(subject, message))
                 .await
                 .map_err(failure)?;
             ack.await.map_err(failure)

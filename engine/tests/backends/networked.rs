@@ -668,3 +668,19 @@ async fn a_pulls_future_fits_the_allocators_thread_cache() {
     let size = std::mem::size_of_val(&*pull);
     assert!(size <= 1032, "next_batch's future is {size} bytes");
 }
+
+/// The intake makes one publish future per task of a batch; like a pull's,
+/// it must stay within glibc's per-thread cache.
+#[tokio::test]
+async fn a_publishs_future_fits_the_allocators_thread_cache() {
+    use claudecluster_engine::broker::TaskPublisher;
+    let settings = networked_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let broker = JetStreamBroker::setup(nats().await, &settings.nats)
+        .await
+        .unwrap();
+    let msg = message(5);
+    let publish = broker.publish(&msg);
+    let size = std::mem::size_of_val(&*publish);
+    assert!(size <= 1032, "publish's future is {size} bytes");
+}

@@ -52,6 +52,16 @@ impl JetStreamBroker {
         ))
     }
 
+    /// The publishes of `msgs`, made as the stream is polled. (A named
+    /// lifetime: a closure inside the `async_trait` method itself would
+    /// have to be general over every lifetime, which it is not.)
+    fn publishes<'a>(
+        &'a self,
+        msgs: &'a [TaskMessage],
+    ) -> impl futures::Stream<Item = impl Future<Output = Result<(), BrokerError>> + 'a> + 'a {
+        futures::stream::iter(msgs.iter().map(|msg| self.publish_confirmed(msg, None)))
+    }
+
     /// Publishes one task and waits for the stream to confirm it.
     async fn publish_confirmed(
         &self,
@@ -82,13 +92,10 @@ impl TaskPublisher for JetStreamBroker {
 
     #[instrument(level = "debug", skip_all, fields(count = msgs.len()))]
     async fn publish_batch(&self, msgs: &[TaskMessage]) -> Vec<Result<(), BrokerError>> {
-        // Futures are lazy: collecting them sends nothing yet; `buffered`
-        // then keeps PIPELINE_WINDOW of them in flight, in order.
-        let publishes: Vec<_> = msgs
-            .iter()
-            .map(|msg| self.publish_confirmed(msg, None))
-            .collect();
-        futures::stream::iter(publishes)
+        // `buffered` keeps PIPELINE_WINDOW publishes in flight, in order,
+        // creating each as room frees up (collected first, a batch's
+        // futures took one 150 KB block).
+        self.publishes(msgs)
             .buffered(PIPELINE_WINDOW)
             .collect()
             .await
