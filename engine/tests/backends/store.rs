@@ -9,7 +9,7 @@ use claudecluster_engine::backend::Backends;
 use claudecluster_engine::results::{
     AttemptEnd, CancelOutcome, CreateOutcome, EndOutcome, StartOutcome, WorkerInfo,
 };
-use claudecluster_engine::task::{TaskError, TaskRecord, TaskResult, TaskState};
+use claudecluster_engine::task::{TaskError, TaskId, TaskRecord, TaskResult, TaskState};
 
 use crate::harness::{message, message_at, record};
 
@@ -34,6 +34,24 @@ fn end(state: TaskState, result: Option<TaskResult>, error: Option<TaskError>) -
         error,
         at: Utc::now(),
     }
+}
+
+/// The record of a task whose second attempt, run by `worker`, ended as
+/// `done` with the output "hello".
+async fn succeeded_on_the_second_attempt(
+    b: &Backends,
+    id: TaskId,
+    done: &AttemptEnd,
+    worker: &str,
+) -> TaskRecord {
+    let finished = b.store.get(id).await.unwrap().unwrap();
+    assert_eq!(finished.state, TaskState::Succeeded);
+    assert_eq!(finished.result, Some(result("hello")));
+    assert_eq!(finished.error, None);
+    assert_eq!(finished.finished_at, Some(done.at));
+    assert_eq!(finished.attempts, 2);
+    assert_eq!(finished.worker_id.as_deref(), Some(worker));
+    finished
 }
 
 pub async fn create_and_get(b: &Backends) {
@@ -130,13 +148,7 @@ pub async fn attempts_move_through_retry_to_success(b: &Backends) {
         b.store.end_attempt(r.id, 2, &done).await.unwrap(),
         EndOutcome::Written
     );
-    let finished = b.store.get(r.id).await.unwrap().unwrap();
-    assert_eq!(finished.state, TaskState::Succeeded);
-    assert_eq!(finished.result, Some(result("hello")));
-    assert_eq!(finished.error, None);
-    assert_eq!(finished.finished_at, Some(done.at));
-    assert_eq!(finished.attempts, 2);
-    assert_eq!(finished.worker_id.as_deref(), Some(odd_worker));
+    let finished = succeeded_on_the_second_attempt(b, r.id, &done, odd_worker).await;
     assert_eq!(finished.attempt_history[1].worker_id, odd_worker);
     let numbers: Vec<u32> = finished.attempt_history.iter().map(|a| a.number).collect();
     assert_eq!(numbers, [1, 2]);
@@ -232,13 +244,7 @@ pub async fn unstarted_attempts_are_recorded_whole(b: &Backends) {
             .unwrap(),
         EndOutcome::Written
     );
-    let finished = b.store.get(r.id).await.unwrap().unwrap();
-    assert_eq!(finished.state, TaskState::Succeeded);
-    assert_eq!(finished.result, Some(result("hello")));
-    assert_eq!(finished.error, None);
-    assert_eq!(finished.finished_at, Some(done.at));
-    assert_eq!(finished.attempts, 2);
-    assert_eq!(finished.worker_id.as_deref(), Some(odd_worker));
+    let finished = succeeded_on_the_second_attempt(b, r.id, &done, odd_worker).await;
     let second = &finished.attempt_history[1];
     assert_eq!((second.number, second.worker_id.as_str()), (2, odd_worker));
     assert_eq!(second.outcome, Some(TaskState::Succeeded));
