@@ -18,7 +18,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    // Spawned: `#[tokio::main]` polls this future on the main thread, off
+    // the scheduler's threads, and every wake-up of it would cross threads.
+    tokio::spawn(run(Args::parse()))
+        .await
+        .context("the intake's main task panicked")?
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let settings =
         Settings::load(args.config_file.as_deref()).context("failed to load settings")?;
     telemetry::init(&settings.log);
