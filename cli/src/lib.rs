@@ -80,14 +80,8 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Spawned, not run by `block_on` itself, which would poll it on the
-    // main thread: the servers' and the worker's own loops then run on the
-    // scheduler's threads, without a thread wake-up per event.
-    let outcome = runtime.block_on(async {
-        tokio::spawn(run(cli))
-            .await
-            .unwrap_or_else(|e| Err(anyhow::anyhow!("the command's task panicked: {e}")))
-    });
+    let outcome = claudecluster_engine::runtime::block_on_workers(&runtime, run(cli))
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the command's task panicked: {e}")));
     match outcome {
         Ok(code) => code,
         Err(e) => {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use claudecluster_consumer::{Application, launcher};
 use claudecluster_engine::config::Settings;
-use claudecluster_engine::{backend, shutdown, telemetry};
+use claudecluster_engine::{backend, runtime, shutdown, telemetry};
 
 /// A ClaudeCluster worker.
 #[derive(Debug, Parser)]
@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     // Before anything else: this process may be a task's limit launcher.
     launcher::run_if_requested();
     let args = Args::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
     // One scheduler thread unless TOKIO_WORKER_THREADS says otherwise. A
     // worker's own work per task is small (the task itself runs in a child
     // process), and with a second thread most of a task's wake-ups crossed
@@ -31,20 +31,13 @@ fn main() -> anyhow::Result<()> {
     // by about a seventh, and at 500 tasks/s by a fifth, with the same
     // throughput and latency.
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        runtime.worker_threads(1);
+        builder.worker_threads(1);
     }
-    let runtime = runtime
+    let runtime = builder
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    // Spawned, not run by `block_on` itself: `block_on` polls its future on
-    // the main thread, and the pull loop there took a thread wake-up to
-    // hand every delivery to the scheduler thread (about 0.1 ms at low load).
-    runtime.block_on(async {
-        tokio::spawn(run(args))
-            .await
-            .context("the worker's main task panicked")?
-    })
+    runtime::block_on_workers(&runtime, run(args)).context("the worker's main task panicked")?
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

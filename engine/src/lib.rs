@@ -13,6 +13,7 @@ pub mod broker;
 pub mod config;
 pub mod embedded;
 pub mod results;
+pub mod runtime;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use claudecluster_engine::{backend, config::Settings, shutdown, telemetry};
+use claudecluster_engine::{backend, config::Settings, runtime, shutdown, telemetry};
 use claudecluster_producer::Application;
 
 /// The ClaudeCluster intake (HTTP API).
@@ -16,13 +16,13 @@ struct Args {
     config_file: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    // Spawned: `#[tokio::main]` polls this future on the main thread, off
-    // the scheduler's threads, and every wake-up of it would cross threads.
-    tokio::spawn(run(Args::parse()))
-        .await
-        .context("the intake's main task panicked")?
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime::block_on_workers(&runtime, run(args)).context("the intake's main task panicked")?
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
