@@ -648,6 +648,7 @@ mod tests {
     use claudecluster_engine::broker::{BrokerError, Delivery, PriorityBand};
     use claudecluster_engine::config::Settings;
     use claudecluster_engine::task::{NewTask, TaskRecord};
+    use claudecluster_testkit::ALLOCATOR_THREAD_CACHE_MAX;
     use claudecluster_testkit::wait::eventually;
     use tokio::sync::Notify;
     use tokio_util::sync::CancellationToken;
@@ -984,11 +985,7 @@ mod tests {
         assert_eq!(record.attempts, 0, "never ran");
     }
 
-    /// glibc's per-thread cache serves blocks of up to 1032 bytes; a larger
-    /// one takes the allocator's slow path, which also consolidates its
-    /// free lists. Every delivery allocates these futures anew.
-    const THREAD_CACHE_MAX: usize = 1032;
-
+    /// Every delivery allocates these futures anew.
     #[tokio::test]
     async fn each_deliverys_futures_fit_the_allocators_thread_cache() {
         let dir = tempfile::tempdir().unwrap();
@@ -1050,11 +1047,11 @@ mod tests {
         ];
         let too_large: Vec<_> = sizes
             .iter()
-            .filter(|(_, size)| *size > THREAD_CACHE_MAX)
+            .filter(|(_, size)| *size > ALLOCATOR_THREAD_CACHE_MAX)
             .collect();
         assert!(
             too_large.is_empty(),
-            "futures over {THREAD_CACHE_MAX} bytes (box what they hold inline): {too_large:?}"
+            "futures over {ALLOCATOR_THREAD_CACHE_MAX} bytes (box what they hold inline): {too_large:?}"
         );
     }
 }

@@ -654,12 +654,13 @@ async fn setup_takes_a_task_stream_that_still_announces() {
 
 /// A worker calls `next_batch` whenever it has room, and the intake makes
 /// one publish future per task of a batch; `async_trait` allocates each
-/// call's future. They must stay within glibc's per-thread cache (1032
-/// bytes), past which an allocation takes the slow path. Rare branches
-/// (repairs, the first start) and async-nats's send are boxed for this.
+/// call's future. They must stay within glibc's per-thread cache
+/// ([`ALLOCATOR_THREAD_CACHE_MAX`]). Rare branches (repairs, the first
+/// start) and async-nats's send are boxed for this.
 #[tokio::test]
 async fn the_brokers_per_call_futures_fit_the_allocators_thread_cache() {
     use claudecluster_engine::broker::{TaskConsumer, TaskPublisher};
+    use claudecluster_testkit::ALLOCATOR_THREAD_CACHE_MAX;
     let settings = networked_settings();
     let _cleanup = Cleanup(settings.clone());
     let broker = JetStreamBroker::setup(nats().await, &settings.nats)
@@ -673,7 +674,9 @@ async fn the_brokers_per_call_futures_fit_the_allocators_thread_cache() {
         ("publish", std::mem::size_of_val(&*publish)),
     ];
     assert!(
-        sizes.iter().all(|(_, size)| *size <= 1032),
-        "futures over 1032 bytes: {sizes:?}"
+        sizes
+            .iter()
+            .all(|(_, size)| *size <= ALLOCATOR_THREAD_CACHE_MAX),
+        "futures over {ALLOCATOR_THREAD_CACHE_MAX} bytes: {sizes:?}"
     );
 }
